@@ -1,0 +1,1 @@
+"""Process level: settings, CLI, Faust app, metrics, model store."""

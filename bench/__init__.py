@@ -1,0 +1,1 @@
+"""Benchmarks: pipeline end to end, fleet-scale scoring."""

@@ -1,0 +1,284 @@
+"""Window tensor -> forecast feature matrix: the ONE feature code for training and serving.
+
+Pure functions over arrays with a single NumPy/CuPy code path (the array module is
+taken from the input), so a model trained offline sees exactly the features the
+streaming scorer builds. Imports nothing but NumPy.
+
+Layout (see ARCHITECTURE.md): ``win (k, S, C)`` float32 oldest -> newest, NaN gaps,
+channels ``WINDOW_CHANNELS``; rows of ``X`` are VM-major (row ``i * H + j`` = VM i at
+horizon j). Features that do not depend on the horizon are computed once per VM on
+``(k, F_vm)`` and broadcast, never H times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+WINDOW_CHANNELS: tuple[str, ...] = ("cpu_pct", "dirty_mbps", "net_mbps", "mem_used_mb")
+TARGETS: tuple[str, ...] = ("cpu_pct", "dirty_mbps", "net_mbps")
+QUANTILES: tuple[float, ...] = (0.5, 0.9)
+
+#: Targets modelled on a log1p scale (heavy-tailed rates); both features and labels.
+LOG1P_TARGETS: frozenset[str] = frozenset({"dirty_mbps", "net_mbps"})
+
+SPEC_VERSION = 1
+DAY_S = 86400
+WEEK_S = 7 * DAY_S
+HOUR_S = 3600
+#: Spans (seconds) of the level/spread statistics over the newest part of the window.
+SPANS_S: tuple[int, ...] = (HOUR_S, 6 * HOUR_S, DAY_S)
+_SPAN_TAGS = {HOUR_S: "1h", 6 * HOUR_S: "6h", DAY_S: "24h"}
+_STATS = ("mean", "std", "min", "max")
+#: Epoch day 0 (1970-01-01) was a Thursday; Monday = 0.
+_EPOCH_DOW = 3
+
+_SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
+
+
+def _vm_feature_names() -> list[str]:
+    names: list[str] = []
+    for t in TARGETS:
+        s = _SHORT[t]
+        names.append(f"{s}_last")
+        for span in SPANS_S:
+            names += [f"{s}_{stat}_{_SPAN_TAGS[span]}" for stat in _STATS]
+        names.append(f"{s}_trend_1h")
+    names += ["staleness_slots", "vcpus", "mem_total_mb", "mem_util"]
+    return names
+
+
+def _horizon_feature_names() -> list[str]:
+    names: list[str] = []
+    for t in TARGETS:
+        s = _SHORT[t]
+        names += [f"{s}_yday", f"{s}_yday_1h", f"{s}_lastweek"]
+    names += ["horizon_h", "tod_sin", "tod_cos", "dow"]
+    return names
+
+
+VM_FEATURE_NAMES: tuple[str, ...] = tuple(_vm_feature_names())
+HORIZON_FEATURE_NAMES: tuple[str, ...] = tuple(_horizon_feature_names())
+FEATURE_NAMES: tuple[str, ...] = VM_FEATURE_NAMES + HORIZON_FEATURE_NAMES
+
+
+def _spec() -> dict[str, Any]:
+    return {
+        "version": SPEC_VERSION,
+        "names": list(FEATURE_NAMES),
+        "window_channels": list(WINDOW_CHANNELS),
+        "targets": list(TARGETS),
+        "quantiles": list(QUANTILES),
+        "spans_s": list(SPANS_S),
+        "transforms": {t: ("log1p" if t in LOG1P_TARGETS else "identity") for t in TARGETS},
+        "yday": "value at target slot - 1 day; mean of 1 h centred on it",
+        "lastweek": "value at target slot - 7 days",
+        "time": "target slot tod sin/cos, dow Monday=0 (UTC)",
+    }
+
+
+#: sha256 of the canonical feature spec; a model records it and a worker refuses unknown ones.
+FEATURE_SPEC_HASH: str = hashlib.sha256(
+    json.dumps(_spec(), sort_keys=True, separators=(",", ":")).encode()
+).hexdigest()
+
+
+def array_module(a: Any) -> Any:
+    """NumPy or CuPy, whichever owns ``a`` (CuPy imported only when ``a`` is a CuPy array)."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _masked_stats(x: Any, xp: Any) -> tuple[Any, Any, Any, Any]:
+    """NaN-aware mean, std, min, max over the last axis; NaN where no value (no warnings)."""
+    valid = ~xp.isnan(x)
+    n = valid.sum(axis=-1)
+    has = n > 0
+    denom = xp.maximum(n, 1).astype(x.dtype)
+    x0 = xp.where(valid, x, 0)
+    mean = x0.sum(axis=-1) / denom
+    dev = xp.where(valid, x - mean[..., None], 0)
+    std = xp.sqrt((dev * dev).sum(axis=-1) / denom)
+    mn = xp.where(valid, x, xp.inf).min(axis=-1)
+    mx = xp.where(valid, x, -xp.inf).max(axis=-1)
+    nan = xp.asarray(xp.nan, dtype=x.dtype)
+    return (xp.where(has, mean, nan), xp.where(has, std, nan), xp.where(has, mn, nan), xp.where(has, mx, nan))
+
+
+def _masked_mean(x: Any, xp: Any) -> Any:
+    return _masked_stats(x, xp)[0]
+
+
+def _span_slots(span_s: int, slot_s: int, S: int) -> int:
+    return int(min(S, max(1, span_s // slot_s)))
+
+
+def _targets_view(win: Any, xp: Any) -> Any:
+    """(k, S, C) window -> (k, len(TARGETS), S) on the model's scale (log1p for rates)."""
+    idx = [WINDOW_CHANNELS.index(t) for t in TARGETS]
+    tw = xp.ascontiguousarray(win[:, :, idx].transpose(0, 2, 1)).astype(xp.float32)
+    logs = [i for i, t in enumerate(TARGETS) if t in LOG1P_TARGETS]
+    tw[:, logs, :] = xp.log1p(xp.maximum(tw[:, logs, :], 0))
+    return tw
+
+
+def _vm_features(win: Any, tw: Any, attrs: Mapping[str, Any], slot_s: int, xp: Any) -> Any:
+    """Horizon-independent features, (k, len(VM_FEATURE_NAMES))."""
+    k, S, _ = win.shape
+    cols: list[Any] = []
+    valid = ~xp.isnan(tw)  # (k, T, S)
+    last_idx = S - 1 - xp.argmax(valid[:, :, ::-1], axis=-1)  # newest observed slot
+    last = xp.take_along_axis(tw, last_idx[..., None], axis=-1)[..., 0]
+    last = xp.where(valid.any(axis=-1), last, xp.float32(xp.nan))
+    n1h = _span_slots(HOUR_S, slot_s, S)
+    per_span = [_masked_stats(tw[:, :, S - _span_slots(sp, slot_s, S) :], xp) for sp in SPANS_S]
+    prev = tw[:, :, max(0, S - 2 * n1h) : S - n1h] if S > n1h else tw[:, :, :0]
+    prev_mean = _masked_mean(prev, xp) if prev.shape[-1] else xp.full((k, len(TARGETS)), xp.nan, xp.float32)
+    trend = per_span[0][0] - prev_mean
+    for t in range(len(TARGETS)):
+        cols.append(last[:, t])
+        for stats in per_span:
+            cols += [s[:, t] for s in stats]
+        cols.append(trend[:, t])
+    any_valid = ~xp.isnan(win).all(axis=-1)  # (k, S): any channel observed
+    newest = S - 1 - xp.argmax(any_valid[:, ::-1], axis=-1)
+    staleness = xp.where(any_valid.any(axis=-1), (S - 1 - newest).astype(xp.float32), xp.float32(xp.nan))
+    vcpus = xp.asarray(attrs["vcpus"], dtype=xp.float32).reshape(k)
+    mem_total = xp.asarray(attrs["mem_total_mb"], dtype=xp.float32).reshape(k)
+    mem_used = _masked_mean(win[:, S - n1h :, WINDOW_CHANNELS.index("mem_used_mb")].astype(xp.float32), xp)
+    ok = mem_total > 0
+    mem_util = xp.where(ok, mem_used / xp.where(ok, mem_total, 1), xp.float32(xp.nan))
+    cols += [staleness, vcpus, mem_total, mem_util]
+    return xp.stack(cols, axis=1).astype(xp.float32)
+
+
+def _lagged(tw: Any, lag_slots: int, h: Any, xp: Any) -> Any:
+    """Value at absolute slot ``target - lag`` (window index S-1-lag+h); (k, T, H), NaN outside."""
+    S = tw.shape[-1]
+    idx = S - 1 - lag_slots + h
+    ok = (idx >= 0) & (idx < S)
+    vals = tw[:, :, xp.clip(idx, 0, S - 1)]
+    return xp.where(ok[None, None, :], vals, xp.float32(xp.nan))
+
+
+def _lagged_mean(tw: Any, lag_slots: int, width: int, h: Any, xp: Any) -> Any:
+    """NaN-aware mean of ``width`` slots centred on ``target - lag``; (k, T, H)."""
+    S = tw.shape[-1]
+    idx = (S - 1 - lag_slots + h)[:, None] + (xp.arange(width) - width // 2)[None, :]  # (H, w)
+    ok = (idx >= 0) & (idx < S)
+    vals = tw[:, :, xp.clip(idx, 0, S - 1)]  # (k, T, H, w)
+    return _masked_mean(xp.where(ok, vals, xp.float32(xp.nan)), xp)
+
+
+def _horizon_features(tw: Any, last_slot: Any, h: Any, slot_s: int, xp: Any) -> Any:
+    """Features of each (VM, target slot), (k, H, len(HORIZON_FEATURE_NAMES))."""
+    k, _, S = tw.shape
+    day = DAY_S // slot_s
+    n1h = _span_slots(HOUR_S, slot_s, S)
+    yday = _lagged(tw, day, h, xp)
+    yday_1h = _lagged_mean(tw, day, n1h, h, xp)
+    week = _lagged(tw, WEEK_S // slot_s, h, xp)
+    cols: list[Any] = []
+    for t in range(len(TARGETS)):
+        cols += [yday[:, t], yday_1h[:, t], week[:, t]]
+    t_abs = (last_slot[:, None] + h[None, :]) * slot_s  # (k, H) int64 epoch seconds of the target slot
+    phase = (t_abs % DAY_S).astype(xp.float64) * (2 * np.pi / DAY_S)
+    dow = ((t_abs // DAY_S) + _EPOCH_DOW) % 7
+    horizon_h = xp.broadcast_to((h * slot_s / HOUR_S).astype(xp.float32)[None, :], (k, h.shape[0]))
+    cols += [horizon_h, xp.sin(phase), xp.cos(phase), dow]
+    return xp.stack([c.astype(xp.float32) for c in cols], axis=-1)
+
+
+def build_features(
+    win: Any,
+    attrs: Mapping[str, Any],
+    last_slot: Any,
+    horizons: Any,
+    slot_s: int,
+    xp: Any = None,
+) -> Any:
+    """Feature matrix ``(k * H, len(FEATURE_NAMES))`` float32, VM-major rows, on ``win``'s device.
+
+    ``attrs`` holds ``mem_total_mb`` and ``vcpus`` (k,) (NaN allowed); ``last_slot`` (k,)
+    int64 absolute slot of the newest window slot; ``horizons`` (H,) int slots ahead (>= 1).
+    """
+    xp = array_module(win) if xp is None else xp
+    win = xp.asarray(win)
+    if win.ndim != 3 or win.shape[2] != len(WINDOW_CHANNELS):
+        raise ValueError(f"win must be (k, S, {len(WINDOW_CHANNELS)}) {WINDOW_CHANNELS}, got shape {win.shape}")
+    k, S, _ = win.shape
+    h = xp.asarray(horizons, dtype=xp.int64).reshape(-1)
+    if h.size == 0 or bool((h < 1).any()):
+        raise ValueError("horizons must be a non-empty array of slot counts >= 1")
+    last_slot = xp.asarray(last_slot, dtype=xp.int64).reshape(-1)
+    if last_slot.shape[0] != k:
+        raise ValueError(f"last_slot has {last_slot.shape[0]} entries for {k} VMs")
+    H = int(h.shape[0])
+    tw = _targets_view(win, xp)
+    vm = _vm_features(win, tw, attrs, slot_s, xp)
+    hz = _horizon_features(tw, last_slot, h, slot_s, xp)
+    X = xp.empty((k, H, len(FEATURE_NAMES)), dtype=xp.float32)
+    X[:, :, : vm.shape[1]] = vm[:, None, :]
+    X[:, :, vm.shape[1] :] = hz
+    return X.reshape(k * H, len(FEATURE_NAMES))
+
+
+def windows_at(series: Any, origins: Any, window_slots: int, xp: Any = None) -> Any:
+    """Stack the windows ending at each origin: ``series (V, T, C)`` -> ``(V * n_o, S, C)``, VM-major.
+
+    Slots before the series start are NaN (a young VM's partial window, as in serving).
+    """
+    xp = array_module(series) if xp is None else xp
+    V, T, C = series.shape
+    o = xp.asarray(origins, dtype=xp.int64).reshape(-1)
+    if o.size and (int(o.min()) < 0 or int(o.max()) >= T):
+        raise ValueError(f"origins must lie in [0, {T - 1}]")
+    pad = xp.full((V, window_slots - 1, C), xp.nan, dtype=xp.float32)
+    padded = xp.concatenate([pad, series.astype(xp.float32)], axis=1)
+    idx = o[:, None] + xp.arange(window_slots)[None, :]  # padded index of window slot s at origin o
+    return padded[:, idx, :].reshape(V * o.shape[0], window_slots, C)
+
+
+def training_examples(
+    series: Any,
+    attrs: Mapping[str, Any],
+    first_slot: int,
+    origins: Any,
+    horizons: Any,
+    window_slots: int,
+    slot_s: int,
+    xp: Any = None,
+) -> tuple[Any, Any]:
+    """(X, Y) for forecasting from many origins, through ``build_features`` (no drift from serving).
+
+    ``series (V, T, C)`` per-slot means in ``WINDOW_CHANNELS`` order (or ``(T, C)`` for one VM),
+    slot ``t`` being absolute slot ``first_slot + t``; ``attrs`` per VM ``(V,)``; ``origins``
+    indexes into T (the newest slot of each window). ``Y (n, len(TARGETS))`` holds the raw
+    target values at ``origin + h`` (NaN when unknown); rows with no known target are dropped.
+    """
+    xp = array_module(series) if xp is None else xp
+    series = xp.asarray(series, dtype=xp.float32)
+    if series.ndim == 2:
+        series = series[None]
+    V, T, _ = series.shape
+    o = xp.asarray(origins, dtype=xp.int64).reshape(-1)
+    h = xp.asarray(horizons, dtype=xp.int64).reshape(-1)
+    n_o, H = int(o.shape[0]), int(h.shape[0])
+    win = windows_at(series, o, window_slots, xp)
+    rep = {name: xp.repeat(xp.asarray(attrs[name], dtype=xp.float32).reshape(V), n_o) for name in ("vcpus", "mem_total_mb")}
+    last_slot = xp.tile(o + first_slot, V)
+    X = build_features(win, rep, last_slot, h, slot_s, xp)
+    tgt = o[:, None] + h[None, :]  # (n_o, H) index into T
+    inside = tgt < T
+    cols = [WINDOW_CHANNELS.index(t) for t in TARGETS]
+    Y = series[:, xp.clip(tgt, 0, T - 1), :][..., cols]  # (V, n_o, H, 3)
+    Y = xp.where(inside[None, :, :, None], Y, xp.float32(xp.nan)).reshape(V * n_o * H, len(TARGETS))
+    keep = ~xp.isnan(Y).all(axis=1)
+    return X[keep], Y[keep]

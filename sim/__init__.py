@@ -1,0 +1,1 @@
+"""Synthetic fleet simulator and real-trace replay into Kafka."""

@@ -1,0 +1,1 @@
+"""The streaming path: message schema and decoding, DLQ, window store, scorer, sinks."""

@@ -1,0 +1,275 @@
+"""The input contract of ``vm.metrics``: decode and validate a batch of messages.
+
+A message value is one JSON object or a JSON array of objects (an agent batching
+its VMs). Good samples come back columnar (``DecodedBatch``) so the window store
+ingests them with array operations; every invalid message comes back as a
+``Rejected`` with its original bytes and a reason, for the DLQ. The decoder never
+raises for any input bytes: a worker must not crash on what an agent sends.
+
+Rules beyond the field types (see README "Contract"):
+- ``ts`` must lie in ``[Limits.min_ts, now + Limits.max_future_s]``;
+- numbers must be finite and fit float32 (the window store's type);
+- ``mem_used_mb`` may exceed ``mem_total_mb`` by at most ``Limits.mem_over_tolerance``
+  (a relative 2% by default: hypervisors count some overhead against the guest);
+- messages above ``Limits.max_bytes`` are rejected without being parsed;
+- in an array, bad objects are rejected and the good ones kept; a message with
+  bad objects yields ONE ``Rejected`` (whole original bytes) whose reason names
+  each bad index, e.g. ``[3].cpu_pct: must be <= 100``.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import msgspec
+import numpy as np
+from msgspec import Meta
+
+METRICS: tuple[str, ...] = (
+    "cpu_pct", "mem_total_mb", "mem_used_mb", "dirty_mbps", "net_rx_kbps", "net_tx_kbps",
+    "disk_read_kbps", "disk_write_kbps", "vcpus",
+)
+_I_MEM_TOTAL = METRICS.index("mem_total_mb")
+_I_MEM_USED = METRICS.index("mem_used_mb")
+_MAX_REASONS = 5  # bad indices named per message; the rest are counted
+
+Pct = Annotated[float, Meta(ge=0, le=100)]
+NonNeg = Annotated[float, Meta(ge=0)]
+
+
+class Sample(msgspec.Struct):
+    """One VM sample; unknown fields are ignored, ``null`` counts as missing."""
+
+    vm: Annotated[str, Meta(min_length=1, max_length=256)]
+    ts: float
+    host: Annotated[str, Meta(max_length=256)] | None = None
+    cpu_pct: Pct | None = None
+    mem_total_mb: NonNeg | None = None
+    mem_used_mb: NonNeg | None = None
+    dirty_mbps: NonNeg | None = None
+    net_rx_kbps: NonNeg | None = None
+    net_tx_kbps: NonNeg | None = None
+    disk_read_kbps: NonNeg | None = None
+    disk_write_kbps: NonNeg | None = None
+    vcpus: NonNeg | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Validation limits beyond the field types; all overridable per call."""
+
+    max_bytes: int = 1 << 20
+    min_ts: float = 946684800.0  # 2000-01-01T00:00:00Z
+    max_future_s: float = 86400.0
+    mem_over_tolerance: float = 0.02
+
+
+@dataclass(frozen=True)
+class Rejected:
+    raw: bytes  # the ORIGINAL message bytes, whole
+    key: bytes | None
+    reason: str
+
+
+@dataclass
+class DecodedBatch:
+    vm: list[str]
+    host: list[str]  # "" when absent
+    ts: np.ndarray  # float64 (n,)
+    values: np.ndarray  # float32 (n, len(METRICS)), NaN = missing
+    source: np.ndarray  # int32 (n,): index of the input message of each sample
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.vm)
+
+
+_decoder = msgspec.json.Decoder(Sample | list[Sample])
+_one_decoder = msgspec.json.Decoder(Sample)
+_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_row = operator.attrgetter("ts", *METRICS)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def decode_messages(
+    raws: Sequence[bytes],
+    keys: Sequence[bytes | None] | None = None,
+    *,
+    now: float | None = None,
+    limits: Limits = Limits(),
+) -> DecodedBatch:
+    """Decode a batch of message values into columns plus rejections; never raises."""
+    now = time.time() if now is None else now
+    if keys is not None and len(keys) != len(raws):
+        keys = list(keys)[: len(raws)] + [None] * max(0, len(raws) - len(keys))
+    samples: list[Sample] = []
+    src: list[int] = []
+    pos: list[int] = []  # index inside the message's array, -1 for a single object
+    reasons: dict[int, list[str]] = {}
+    for i, raw in enumerate(raws):
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            reasons[i] = ["empty message (no value)" if raw is None else f"value is {type(raw).__name__}, not bytes"]
+            continue
+        if len(raw) > limits.max_bytes:
+            reasons[i] = [f"message too large: {len(raw)} bytes > {limits.max_bytes}"]
+            continue
+        try:
+            got = _decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            _slow_path(raw, i, exc, samples, src, pos, reasons)
+            continue
+        except Exception as exc:  # noqa: BLE001 - the decoder must never raise
+            reasons[i] = [f"undecodable: {exc}"]
+            continue
+        if isinstance(got, list):
+            if not got:
+                reasons[i] = ["empty array"]
+                continue
+            samples.extend(got)
+            src.extend([i] * len(got))
+            pos.extend(range(len(got)))
+        else:
+            samples.append(got)
+            src.append(i)
+            pos.append(-1)
+    batch = _columns(samples, src)
+    _check_ranges(batch, np.asarray(pos, dtype=np.int32), reasons, now, limits)
+    batch.rejected = [
+        Rejected(raw=_as_bytes(raws[i]), key=None if keys is None else keys[i], reason=_join(r))
+        for i, r in sorted(reasons.items())
+    ]
+    return batch
+
+
+def _slow_path(raw, i, exc, samples, src, pos, reasons) -> None:
+    """The whole message failed: find which objects of an array are bad, keep the rest."""
+    try:
+        parts = _raw_list_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        reasons[i] = [_reason(exc, None)]
+        return
+    except Exception as e:  # noqa: BLE001
+        reasons[i] = [f"undecodable: {e}"]
+        return
+    bad: list[str] = []
+    for j, part in enumerate(parts):
+        try:
+            s = _one_decoder.decode(part)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            bad.append(_reason(e, j))
+            continue
+        except Exception as e:  # noqa: BLE001
+            bad.append(f"[{j}]: undecodable: {e}")
+            continue
+        samples.append(s)
+        src.append(i)
+        pos.append(j)
+    if bad or not parts:
+        reasons[i] = bad or ["empty array"]
+
+
+_EXPECT_CMP = re.compile(r"^Expected `(\w+)` (of length )?([<>]=?) (\S+)$")
+_EXPECT_TYPE = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]+)`$")
+
+
+def _reason(exc: Exception, index: int | None) -> str:
+    """msgspec's error, rewritten as ``[3].cpu_pct: must be <= 100``."""
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):  # malformed JSON (ValidationError subclasses DecodeError)
+        return ("" if index is None else f"[{index}]: ") + f"not JSON: {text}"
+    msg, _, where = text.partition(" - at `")
+    path = where.rstrip("`")
+    path = path[1:] if path.startswith("$") else path
+    path = path[1:] if path.startswith(".") else path
+    if (m := _MISSING.match(msg)) is not None:
+        path, msg = (path + "." if path else "") + m.group(1), "required field missing"
+    elif (m := _EXPECT_CMP.match(msg)) is not None:
+        bound = _number(m.group(4))
+        msg = f"{'length ' if m.group(2) else ''}must be {m.group(3)} {bound}"
+    elif (m := _EXPECT_TYPE.match(msg)) is not None:
+        msg = f"expected {m.group(1).replace('float', 'number')}, got {m.group(2)}"
+        if path == "" and index is None:
+            msg = f"expected a JSON object or array of objects, got {m.group(2)}"
+    elif msg == "Number out of range":
+        msg = "must be a finite number"
+    prefix = "" if index is None else f"[{index}]"
+    if path:
+        prefix = f"{prefix}.{path}" if prefix else path
+    return f"{prefix}: {msg}" if prefix else msg
+
+
+def _number(text: str) -> str:
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
+def _columns(samples: list[Sample], src: list[int]) -> DecodedBatch:
+    """Columns built once per batch: one list comprehension per column, one array each."""
+    n = len(samples)
+    if n:
+        rows = np.array([_row(s) for s in samples], dtype=np.float64)  # None -> NaN
+    else:
+        rows = np.empty((0, len(METRICS) + 1))
+    return DecodedBatch(
+        vm=[s.vm for s in samples],
+        host=[s.host or "" for s in samples],
+        ts=np.ascontiguousarray(rows[:, 0]),
+        values=rows[:, 1:],  # float64 until the range checks are done
+        source=np.asarray(src, dtype=np.int32).reshape(n),
+    )
+
+
+def _check_ranges(batch: DecodedBatch, pos: np.ndarray, reasons: dict[int, list[str]], now: float,
+                  limits: Limits) -> None:
+    """Vectorised checks of what the field types cannot express; drops failing samples."""
+    ts, v = batch.ts, batch.values
+    with np.errstate(invalid="ignore"):
+        bad_old = ts < limits.min_ts
+        bad_future = ts > now + limits.max_future_s
+        too_big = np.abs(v) > _F32_MAX  # NaN (missing) compares False
+        tot, used = v[:, _I_MEM_TOTAL], v[:, _I_MEM_USED]
+        bad_mem = used > tot * (1.0 + limits.mem_over_tolerance)  # only when both present
+    bad = bad_old | bad_future | too_big.any(axis=1) | bad_mem
+    if bad.any():
+        for k in np.flatnonzero(bad):
+            where = "" if pos[k] < 0 else f"[{pos[k]}]."
+            if bad_old[k]:
+                why = f"{where}ts: {ts[k]:.0f} is before {limits.min_ts:.0f}"
+            elif bad_future[k]:
+                why = f"{where}ts: {ts[k]:.0f} is more than {limits.max_future_s:.0f} s in the future"
+            elif bad_mem[k]:
+                why = f"{where}mem_used_mb: {used[k]:g} > mem_total_mb {tot[k]:g}"
+            else:
+                name = METRICS[int(np.flatnonzero(too_big[k])[0])]
+                why = f"{where}{name}: too large for float32"
+            reasons.setdefault(int(batch.source[k]), []).append(why)
+        keep = ~bad
+        idx = np.flatnonzero(keep)
+        batch.vm = [batch.vm[k] for k in idx]
+        batch.host = [batch.host[k] for k in idx]
+        batch.ts, batch.source, v = ts[keep], batch.source[keep], v[keep]
+    batch.values = v.astype(np.float32)
+
+
+def _join(reasons: list[str]) -> str:
+    head = "; ".join(reasons[:_MAX_REASONS])
+    more = len(reasons) - _MAX_REASONS
+    return head + (f"; and {more} more" if more > 0 else "")
+
+
+def _as_bytes(raw: object) -> bytes:
+    if isinstance(raw, bytes):
+        return raw
+    if isinstance(raw, (bytearray, memoryview)):
+        return bytes(raw)
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "replace")
+    return b""

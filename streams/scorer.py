@@ -1,0 +1,189 @@
+"""Window-store rows -> forecast -> pre-copy downtime per slot -> best window (a ScoreBatch).
+
+One micro-batch step, on whichever device the store lives (NumPy or CuPy):
+1. windows -> features (``gpu_kernels.features.build_features``) -> model on its
+   (possibly sparse) horizon grid -> linear interpolation to every slot
+   ``1..horizon_slots``;
+2. migration bandwidth per slot = link - (the VM's own q90 network forecast +
+   the other VMs' latest observed network on its host), floored at 10% of the
+   link (a migration always gets some share: QoS / reserved migration class);
+3. downtime per slot from the pre-copy model at the upper (q90) dirty rate;
+   the best window is the earliest lowest (``gpu_kernels.window``);
+4. ``p_ok`` from the two dirty-rate quantiles, the worst slot the best window
+   covers; ``now_downtime_ms`` is the first slot's downtime.
+Memory M is the newest observed ``mem_used_mb`` (QEMU skips zero pages, so
+used memory drives round 0), falling back to ``mem_total_mb``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from gpu_kernels.downtime import PrecopyParams, p_ok, precopy_with
+from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, build_features
+from gpu_kernels.window import best_window
+from gpu_kernels.xp import to_numpy
+from streams.scores import ScoreBatch
+
+BW_FLOOR_FRACTION = 0.1
+_T_DIRTY = TARGETS.index("dirty_mbps")
+_T_NET = TARGETS.index("net_mbps")
+_C_MEM = WINDOW_CHANNELS.index("mem_used_mb")
+
+
+def interp_weights(horizons: Any, horizon_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lo, hi, w)`` so that ``pred[:, lo] * (1 - w) + pred[:, hi] * w`` is slot 1..horizon_slots.
+
+    Linear between grid points; flat before the first and after the last.
+    """
+    h = np.asarray(horizons, dtype=np.float64).reshape(-1)
+    if h.size == 0 or np.any(np.diff(h) <= 0):
+        raise ValueError(f"model horizons must be increasing slot counts, got {h.tolist()}")
+    t = np.arange(1, horizon_slots + 1, dtype=np.float64)
+    hi = np.clip(np.searchsorted(h, t, side="left"), 0, h.size - 1)
+    lo = np.clip(hi - 1, 0, h.size - 1)
+    lo = np.where(h[hi] == t, hi, lo)  # exact grid point
+    span = h[hi] - h[lo]
+    w = np.where(span > 0, (np.clip(t, h[lo], h[hi]) - h[lo]) / np.where(span > 0, span, 1), 0.0)
+    return lo, hi, w.astype(np.float32)
+
+
+def _latest_observed(x: Any, xp: Any) -> Any:
+    """Newest non-NaN value along the last axis of ``(k, S)``; NaN when none."""
+    valid = ~xp.isnan(x)
+    S = x.shape[-1]
+    idx = S - 1 - xp.argmax(valid[:, ::-1], axis=-1)
+    val = xp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+    return xp.where(valid.any(axis=-1), val, xp.float32(np.nan))
+
+
+def score_windows(
+    win: Any,
+    attrs: dict[str, Any],
+    others_net_mbps: Any,
+    model: Any,
+    params: PrecopyParams,
+    horizon_slots: int,
+    slot_s: int,
+    xp: Any,
+    device: str,
+    tol_ms: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """The scoring kernel for one chunk of VMs; returns host (NumPy) columns."""
+    k = win.shape[0]
+    last_slot = xp.asarray(attrs["last_slot"], dtype=xp.int64)
+    feat_attrs = {name: xp.asarray(attrs[name], dtype=xp.float32) for name in ("mem_total_mb", "vcpus")}
+    X = build_features(win, feat_attrs, last_slot, model.horizons, slot_s, xp)
+    H = len(model.horizons)
+    pred = xp.asarray(model.predict(X, device=device), dtype=xp.float32).reshape(k, H, len(TARGETS), 2)
+    lo, hi, w = (xp.asarray(a) for a in interp_weights(model.horizons, horizon_slots))
+    sub = pred[:, :, [_T_DIRTY, _T_NET], :]  # only what the downtime model needs
+    q = sub[:, lo] * (1 - w)[None, :, None, None] + sub[:, hi] * w[None, :, None, None]  # (k, T, 2, 2)
+    q = xp.maximum(xp.nan_to_num(q, nan=0.0), 0)
+    dirty50, dirty90 = q[:, :, 0, 0], xp.maximum(q[:, :, 0, 1], q[:, :, 0, 0])
+    net90 = xp.maximum(q[:, :, 1, 1], q[:, :, 1, 0])
+
+    link = xp.float32(params.link_mbps)
+    others = xp.nan_to_num(xp.asarray(others_net_mbps, dtype=xp.float32).reshape(k, 1), nan=0.0)
+    bw = xp.maximum(link - (net90 + others), BW_FLOOR_FRACTION * link)
+
+    mem = _latest_observed(win[:, :, _C_MEM], xp)
+    mem = xp.where(xp.isnan(mem), xp.asarray(attrs["mem_total_mb"], dtype=xp.float32), mem)[:, None]
+
+    pc = precopy_with(params, mem, dirty90, bw, xp)
+    dur_slots = xp.ceil(xp.nan_to_num(pc.duration_s, nan=slot_s) / slot_s)
+    dur_slots = xp.clip(dur_slots, 1, horizon_slots).astype(xp.int64)
+    start, value = best_window(pc.downtime_ms, dur_slots, tol_ms, xp)
+
+    # p_ok only on the slots the best window covers (worst of them), not on all T slots
+    pick = start[:, None]
+    span = xp.take_along_axis(dur_slots, pick, axis=1)  # (k, 1)
+    longest = int(span.max()) if k else 1
+    cover = xp.clip(pick + xp.arange(longest)[None, :], 0, horizon_slots - 1)  # (k, longest)
+    inside = xp.arange(longest)[None, :] < span
+
+    def at(a: Any) -> Any:
+        return xp.take_along_axis(a, cover, axis=1)
+
+    p = p_ok(at(dirty50), at(dirty90), mem, at(bw), params.downtime_target_ms, params.max_rounds, xp)
+    p_best = xp.where(inside, xp.nan_to_num(p, nan=0.0), 1).min(axis=1)
+    best_start = (last_slot + 1 + start).astype(xp.float64) * slot_s
+    best_end = best_start + xp.take_along_axis(pc.duration_s, pick, axis=1)[:, 0].astype(xp.float64)
+    return {
+        "best_start": to_numpy(best_start),
+        "best_end": to_numpy(best_end),
+        "best_downtime_ms": to_numpy(value.astype(xp.float32)),
+        "now_downtime_ms": to_numpy(pc.downtime_ms[:, 0].astype(xp.float32)),
+        "p_ok": to_numpy(p_best.astype(xp.float32)),
+    }
+
+
+class Scorer:
+    """Scores window-store rows with the current model (``model_provider()``, hot-swappable)."""
+
+    def __init__(
+        self,
+        settings: Any,
+        model_provider: Callable[[], Any],
+        xp: Any = np,
+        chunk_vms: int = 32768,
+        tol_ms: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.model_provider = model_provider
+        self.xp = xp
+        self.device = "cpu" if xp is np else "gpu"
+        self.params = PrecopyParams.from_settings(settings)
+        self.chunk_vms = int(chunk_vms)
+        self.tol_ms = float(tol_ms)
+
+    def due_rows(self, store: Any, rows: Any, now: float) -> np.ndarray:
+        """Rows due for scoring: newest slot changed since last scored, or ``rescore_s`` elapsed."""
+        rows = np.asarray(rows, dtype=np.int64)
+        changed = store.last_slot[rows] != store.scored_slot[rows]
+        stale = store.scored_at[rows] + self.settings.rescore_s <= now
+        return rows[changed | stale]
+
+    def score(self, store: Any, rows: Any, now: float) -> ScoreBatch:
+        """Score ``rows`` of ``store`` as of ``now`` and mark them scored."""
+        model = self.model_provider()
+        rows = np.asarray(rows, dtype=np.int64)
+        s = self.settings
+        cols: dict[str, list[np.ndarray]] = {}
+        vms: list[str] = []
+        hosts: list[str] = []
+        last_ts: list[np.ndarray] = []
+        for i in range(0, len(rows), self.chunk_vms):
+            chunk = rows[i : i + self.chunk_vms]
+            win, attrs = store.windows(chunk)
+            others = store.host_traffic_mbps(chunk, exclude_self=True)
+            out = score_windows(
+                win, attrs, self.xp.asarray(others), model, self.params, s.horizon_slots, s.slot_s,
+                self.xp, self.device, self.tol_ms,
+            )  # fmt: skip
+            for name, a in out.items():
+                cols.setdefault(name, []).append(a)
+            vms += attrs["vm"]
+            hosts += attrs["host"]
+            last_ts.append(attrs["last_ts"])
+        store.mark_scored(rows, now)
+
+        def cat(name: str, dtype: Any) -> np.ndarray:
+            parts = cols.get(name, [])
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        return ScoreBatch(
+            vm=vms,
+            host=hosts,
+            best_start=cat("best_start", np.float64),
+            best_end=cat("best_end", np.float64),
+            best_downtime_ms=cat("best_downtime_ms", np.float32),
+            now_downtime_ms=cat("now_downtime_ms", np.float32),
+            p_ok=cat("p_ok", np.float32),
+            last_ts=np.concatenate(last_ts).astype(np.float64) if last_ts else np.zeros(0),
+            model=str(model.version),
+            updated=float(now),
+        )

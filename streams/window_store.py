@@ -1,0 +1,361 @@
+"""Per-partition sliding windows of slot means: ring buffers, one row per VM.
+
+Layout: ``sums`` and ``counts`` of shape ``(capacity, n_slots, C)`` (C =
+``WINDOW_CHANNELS``) live on the compute device (NumPy or CuPy ``xp``); slot
+``s`` (absolute, ``floor(ts / slot_s)``) sits at ring position ``s % n_slots``.
+Row metadata (newest slot, newest sample time, memory size, vCPUs, host code,
+latest network rate, last scoring) stays in NumPy on the host: it is small and
+the VM -> row mapping needs it. ``update`` is vectorised over the batch; the
+only per-sample Python is the vm -> row dict lookup, once per distinct VM
+of the batch (and once per distinct host).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpu_kernels.downtime import dirty_rate_proxy
+from gpu_kernels.features import WINDOW_CHANNELS
+from gpu_kernels.xp import to_numpy
+
+from streams.schema import METRICS
+
+C = len(WINDOW_CHANNELS)
+_M = {name: i for i, name in enumerate(METRICS)}
+_CH = {name: i for i, name in enumerate(WINDOW_CHANNELS)}
+SNAPSHOT_VERSION = 1
+
+
+def derive_channels(values: np.ndarray) -> np.ndarray:
+    """Samples ``(n, len(METRICS))`` -> window channels ``(n, C)`` float32 (NaN = not observed).
+
+    ``dirty_mbps`` is the measured rate, else the documented proxy; ``net_mbps``
+    is ``(rx + tx) / 1024`` (a missing direction counts as 0 when the other is there).
+    """
+    v = np.asarray(values, dtype=np.float32)
+    if v.ndim != 2 or v.shape[1] != len(METRICS):
+        raise ValueError(f"values must be (n, {len(METRICS)}) in streams.schema.METRICS order, got {v.shape}")
+    out = np.empty((v.shape[0], C), dtype=np.float32)
+    out[:, _CH["cpu_pct"]] = v[:, _M["cpu_pct"]]
+    measured = v[:, _M["dirty_mbps"]]
+    proxy = dirty_rate_proxy(v[:, _M["cpu_pct"]], v[:, _M["vcpus"]], v[:, _M["mem_used_mb"]], v[:, _M["disk_write_kbps"]], np)
+    out[:, _CH["dirty_mbps"]] = np.where(np.isnan(measured), proxy, measured)
+    rx, tx = v[:, _M["net_rx_kbps"]], v[:, _M["net_tx_kbps"]]
+    net = (np.nan_to_num(rx) + np.nan_to_num(tx)) / 1024
+    out[:, _CH["net_mbps"]] = np.where(np.isnan(rx) & np.isnan(tx), np.nan, net)
+    out[:, _CH["mem_used_mb"]] = v[:, _M["mem_used_mb"]]
+    return out
+
+
+def _last_per_group(order: np.ndarray, group: np.ndarray, key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group, the non-NaN value of the member with the largest ``key``.
+
+    ``order`` sorts the samples by (group, key) (``np.lexsort((key, group))``, computed
+    once per batch). Returns ``(groups, values, keys)`` of the groups with a value.
+    """
+    v = values[order]
+    ok = ~np.isnan(v)
+    g, k, v = group[order][ok], key[order][ok], v[ok]
+    last = np.ones(g.shape[0], dtype=bool)
+    last[:-1] = g[1:] != g[:-1]
+    return g[last], v[last], k[last]
+
+
+class WindowStore:
+    """Ring buffers of per-slot sums/counts for the VMs of one partition."""
+
+    def __init__(self, n_slots: int, slot_s: int, ttl_s: float, xp: Any = np, capacity: int = 1024) -> None:
+        if n_slots < 2 or slot_s <= 0 or capacity < 1:
+            raise ValueError("need n_slots >= 2, slot_s > 0 and capacity >= 1")
+        self.n_slots, self.slot_s, self.ttl_s, self.xp = int(n_slots), int(slot_s), float(ttl_s), xp
+        self.capacity = 0
+        self.sums = xp.zeros((0, self.n_slots, C), dtype=xp.float32)
+        self.counts = xp.zeros((0, self.n_slots, C), dtype=xp.int32)
+        self.last_slot = np.zeros(0, dtype=np.int64)
+        self.last_ts = np.zeros(0, dtype=np.float64)
+        self.mem_total_mb = np.zeros(0, dtype=np.float32)
+        self.vcpus = np.zeros(0, dtype=np.float32)
+        self.latest_net = np.zeros(0, dtype=np.float32)
+        self.host_code = np.zeros(0, dtype=np.int32)
+        self.scored_at = np.zeros(0, dtype=np.float64)
+        self.scored_slot = np.zeros(0, dtype=np.int64)
+        self.vm_of_row: list[str] = []
+        self.row_of: dict[str, int] = {}
+        self.free: list[int] = []
+        self.hosts: list[str] = []
+        self.host_index: dict[str, int] = {}
+        self.dropped_old = 0
+        self._grow(int(capacity))
+
+    # ------------------------------------------------------------------ rows
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def _grow(self, new_cap: int) -> None:
+        xp, old = self.xp, self.capacity
+        sums = xp.zeros((new_cap, self.n_slots, C), dtype=xp.float32)
+        counts = xp.zeros((new_cap, self.n_slots, C), dtype=xp.int32)
+        sums[:old], counts[:old] = self.sums, self.counts
+        self.sums, self.counts = sums, counts
+        pad = new_cap - old
+        self.last_slot = np.concatenate([self.last_slot, np.full(pad, -1, np.int64)])
+        self.last_ts = np.concatenate([self.last_ts, np.full(pad, -np.inf)])
+        self.mem_total_mb = np.concatenate([self.mem_total_mb, np.full(pad, np.nan, np.float32)])
+        self.vcpus = np.concatenate([self.vcpus, np.full(pad, np.nan, np.float32)])
+        self.latest_net = np.concatenate([self.latest_net, np.full(pad, np.nan, np.float32)])
+        self.host_code = np.concatenate([self.host_code, np.full(pad, -1, np.int32)])
+        self.scored_at = np.concatenate([self.scored_at, np.full(pad, -np.inf)])
+        self.scored_slot = np.concatenate([self.scored_slot, np.full(pad, -1, np.int64)])
+        self.vm_of_row += [""] * pad
+        self.free.extend(range(new_cap - 1, old - 1, -1))  # pop() hands out low rows first
+        self.capacity = new_cap
+
+    def _reset_rows(self, rows: np.ndarray) -> None:
+        r_dev = self.xp.asarray(rows)
+        self.sums[r_dev] = 0
+        self.counts[r_dev] = 0
+        self.last_slot[rows] = -1
+        self.last_ts[rows] = -np.inf
+        for a in (self.mem_total_mb, self.vcpus, self.latest_net):
+            a[rows] = np.nan
+        self.host_code[rows] = -1
+        self.scored_at[rows] = -np.inf
+        self.scored_slot[rows] = -1
+
+    def _rows_for(self, vms: np.ndarray) -> np.ndarray:
+        """Rows of distinct VM ids, allocating (and growing) for new ones."""
+        rows = np.empty(len(vms), dtype=np.int64)
+        for i, vm in enumerate(vms.tolist()):
+            r = self.row_of.get(vm)
+            if r is None:
+                if not self.free:
+                    self._grow(self.capacity * 2)
+                r = self.free.pop()
+                self.row_of[vm] = r
+                self.vm_of_row[r] = vm
+            rows[i] = r
+        return rows
+
+    def rows_of(self, vms: Any) -> np.ndarray:
+        """Rows of the given VM ids that the store holds (unknown ids are skipped)."""
+        return np.fromiter((r for vm in vms if (r := self.row_of.get(vm)) is not None), dtype=np.int64)
+
+    def _host_codes(self, hosts: np.ndarray) -> np.ndarray:
+        codes = np.empty(len(hosts), dtype=np.int32)
+        for i, h in enumerate(hosts.tolist()):
+            c = self.host_index.get(h)
+            if c is None:
+                c = self.host_index[h] = len(self.hosts)
+                self.hosts.append(h)
+            codes[i] = c
+        return codes
+
+    # ------------------------------------------------------------------ update
+    def update(self, vm: list[str], host: list[str], ts: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Add a batch of samples; returns the (distinct) rows touched.
+
+        Samples average into their slot; a VM moving to a newer slot clears the
+        slots in between (gaps stay NaN); samples older than the window are
+        dropped and counted in ``dropped_old``.
+        """
+        ts = np.asarray(ts, dtype=np.float64)
+        n = ts.shape[0]
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        if len(vm) != n or len(host) != n or len(values) != n:
+            raise ValueError("vm, host, ts and values must have one entry per sample")
+        chans = derive_channels(values)
+        uvm, inv = np.unique(np.asarray(vm, dtype=np.str_), return_inverse=True)
+        urows = self._rows_for(uvm)
+        S = self.n_slots
+        slot = np.floor(ts / self.slot_s).astype(np.int64)
+
+        # newest slot per VM: advance and clear the slots skipped over
+        batch_max = np.full(len(uvm), np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(batch_max, inv, slot)
+        old = self.last_slot[urows]
+        new = np.maximum(old, batch_max)
+        fresh = old < 0
+        gap = np.where(fresh, 0, np.minimum(new - old, S))  # fresh rows were zeroed on release
+        if gap.any():
+            rep_rows = np.repeat(urows, gap)
+            offs = np.arange(int(gap.sum())) - np.repeat(np.cumsum(gap) - gap, gap)
+            pos = (np.repeat(old, gap) + 1 + offs) % S
+            r_dev, p_dev = self.xp.asarray(rep_rows), self.xp.asarray(pos)
+            self.sums[r_dev, p_dev] = 0
+            self.counts[r_dev, p_dev] = 0
+        self.last_slot[urows] = new
+
+        # aggregate the samples still inside the window into (row, slot) cells
+        keep = slot > new[inv] - S
+        self.dropped_old += int(n - keep.sum())
+        if keep.any():
+            rows_k = urows[inv[keep]]
+            cell = rows_k * S + slot[keep] % S
+            ucell, cinv = np.unique(cell, return_inverse=True)
+            ck = chans[keep]
+            valid = ~np.isnan(ck)
+            agg_s = np.zeros((len(ucell), C), dtype=np.float32)
+            agg_n = np.zeros((len(ucell), C), dtype=np.int32)
+            np.add.at(agg_s, cinv, np.where(valid, ck, 0))
+            np.add.at(agg_n, cinv, valid.astype(np.int32))
+            xp = self.xp
+            flat_s = self.sums.reshape(-1, C)
+            flat_n = self.counts.reshape(-1, C)
+            uc = xp.asarray(ucell)
+            flat_s[uc] += xp.asarray(agg_s)
+            flat_n[uc] += xp.asarray(agg_n)
+
+        # newest-sample attributes (only from samples at least as new as what we had)
+        prev_ts = self.last_ts[urows]
+        batch_ts = np.full(len(uvm), -np.inf)
+        np.maximum.at(batch_ts, inv, ts)
+        self.last_ts[urows] = np.maximum(prev_ts, batch_ts)
+        order = np.lexsort((ts, inv))
+        for target, column in (
+            (self.mem_total_mb, values_col(values, "mem_total_mb")),
+            (self.vcpus, values_col(values, "vcpus")),
+            (self.latest_net, chans[:, _CH["net_mbps"]]),
+        ):
+            g, v, k = _last_per_group(order, inv, ts, column)
+            newer = k >= prev_ts[g]
+            target[urows[g[newer]]] = v[newer]
+        hosts = np.asarray(host, dtype=np.str_)
+        has_host = hosts != ""
+        if has_host.any():
+            sample = np.where(has_host, np.arange(n, dtype=np.float64), np.nan)
+            g, pick, k = _last_per_group(order, inv, ts, sample)
+            newer = k >= prev_ts[g]
+            pick = pick[newer].astype(np.int64)
+            self.host_code[urows[g[newer]]] = self._host_codes(hosts[pick])
+        return urows
+
+    # ------------------------------------------------------------------ reads
+    def windows(self, rows: Any) -> tuple[Any, dict[str, Any]]:
+        """Window tensor ``(k, n_slots, C)`` float32 oldest -> newest (NaN gaps) and attributes."""
+        xp, S = self.xp, self.n_slots
+        rows = np.asarray(rows, dtype=np.int64)
+        last = self.last_slot[rows]
+        pos = (last[:, None] - S + 1 + np.arange(S)[None, :]) % S
+        r_dev, p_dev = xp.asarray(rows[:, None]), xp.asarray(pos)
+        s = self.sums[r_dev, p_dev]
+        c = self.counts[r_dev, p_dev]
+        win = xp.where(c > 0, s / xp.maximum(c, 1).astype(xp.float32), xp.float32(np.nan)).astype(xp.float32)
+        attrs = {
+            "vm": [self.vm_of_row[r] for r in rows.tolist()],
+            "host": [self.hosts[c] if c >= 0 else "" for c in self.host_code[rows].tolist()],
+            "last_slot": last.copy(),
+            "last_ts": self.last_ts[rows].copy(),
+            "mem_total_mb": self.mem_total_mb[rows].copy(),
+            "vcpus": self.vcpus[rows].copy(),
+        }
+        return win, attrs
+
+    def active_rows(self) -> np.ndarray:
+        return np.fromiter(sorted(self.row_of.values()), dtype=np.int64)
+
+    def host_traffic_mbps(self, rows: Any, exclude_self: bool = False) -> np.ndarray:
+        """Per row: sum of the latest observed net (MB/s) of every VM in the store on its host.
+
+        A VM with no known host counts alone. ``exclude_self`` leaves the VM's own rate out.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        active = self.active_rows()
+        net = np.nan_to_num(self.latest_net[active])
+        code = self.host_code[active]
+        known = code >= 0
+        per_host = np.bincount(code[known], weights=net[known], minlength=len(self.hosts)).astype(np.float32)
+        own = np.nan_to_num(self.latest_net[rows])
+        c = self.host_code[rows]
+        total = np.where(c >= 0, per_host[np.maximum(c, 0)] if len(per_host) else 0, own)
+        return (total - own if exclude_self else total).astype(np.float32)
+
+    def evict_idle(self, now: float) -> list[str]:
+        """Release VMs silent for more than ``ttl_s``; returns their ids."""
+        active = self.active_rows()
+        idle = active[self.last_ts[active] < now - self.ttl_s]
+        return self.release(idle)
+
+    def release(self, rows: Any) -> list[str]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return []
+        self._reset_rows(rows)
+        gone = [self.vm_of_row[r] for r in rows.tolist()]
+        for r, vm in zip(rows.tolist(), gone):
+            del self.row_of[vm]
+            self.vm_of_row[r] = ""
+            self.free.append(r)
+        return gone
+
+    def mark_scored(self, rows: Any, now: float) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        self.scored_at[rows] = now
+        self.scored_slot[rows] = self.last_slot[rows]
+
+    # ------------------------------------------------------------------ size
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the store's arrays (device and host)."""
+        host = sum(a.nbytes for a in self._host_arrays().values())
+        return int(self.sums.nbytes + self.counts.nbytes + host)
+
+    @property
+    def nbytes_per_vm(self) -> int:
+        """Bytes one row costs (slot sums and counts plus metadata)."""
+        per_row_device = self.n_slots * C * (4 + 4)
+        per_row_host = sum(a.itemsize for a in self._host_arrays().values())
+        return per_row_device + per_row_host
+
+    def _host_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "last_slot": self.last_slot,
+            "last_ts": self.last_ts,
+            "mem_total_mb": self.mem_total_mb,
+            "vcpus": self.vcpus,
+            "latest_net": self.latest_net,
+            "host_code": self.host_code,
+            "scored_at": self.scored_at,
+            "scored_slot": self.scored_slot,
+        }
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The active rows as plain NumPy arrays (``np.savez``-able, no pickle needed)."""
+        rows = self.active_rows()
+        out = {name: a[rows].copy() for name, a in self._host_arrays().items()}
+        r_dev = self.xp.asarray(rows)
+        out["sums"] = np.asarray(to_numpy(self.sums[r_dev]))
+        out["counts"] = np.asarray(to_numpy(self.counts[r_dev]))
+        out["vm"] = np.array([self.vm_of_row[r] for r in rows.tolist()], dtype=np.str_)
+        out["hosts"] = np.array(self.hosts, dtype=np.str_)
+        out["config"] = np.array([SNAPSHOT_VERSION, self.n_slots, self.slot_s, self.ttl_s, self.dropped_old], dtype=np.float64)
+        return out
+
+    @classmethod
+    def restore(cls, arrays: dict[str, np.ndarray], xp: Any = np) -> WindowStore:
+        """Rebuild a store from :meth:`snapshot` output (e.g. loaded from ``np.load``)."""
+        version, n_slots, slot_s, ttl_s, dropped = np.asarray(arrays["config"]).tolist()
+        if int(version) != SNAPSHOT_VERSION:
+            raise ValueError(f"window snapshot version {int(version)} is not {SNAPSHOT_VERSION}")
+        vms = [str(v) for v in np.asarray(arrays["vm"]).tolist()]
+        cap = 1024
+        while cap < len(vms):
+            cap *= 2
+        store = cls(int(n_slots), int(slot_s), ttl_s, xp=xp, capacity=cap)
+        store.dropped_old = int(dropped)
+        store.hosts = [str(h) for h in np.asarray(arrays["hosts"]).tolist()]
+        store.host_index = {h: i for i, h in enumerate(store.hosts)}
+        rows = store._rows_for(np.asarray(vms, dtype=np.str_)) if vms else np.zeros(0, np.int64)
+        for name, a in store._host_arrays().items():
+            a[rows] = np.asarray(arrays[name], dtype=a.dtype)
+        store.sums[xp.asarray(rows)] = xp.asarray(np.asarray(arrays["sums"], dtype=np.float32))
+        store.counts[xp.asarray(rows)] = xp.asarray(np.asarray(arrays["counts"], dtype=np.int32))
+        return store
+
+
+def values_col(values: np.ndarray, name: str) -> np.ndarray:
+    """One metric column of a samples array, float32."""
+    return np.asarray(values, dtype=np.float32)[:, _M[name]]

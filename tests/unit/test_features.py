@@ -1,0 +1,177 @@
+"""The feature module: shapes, gap tolerance, calendar lookups, horizon broadcast, spec hash."""
+
+from __future__ import annotations
+
+import calendar
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpu_kernels.features import (
+    FEATURE_NAMES,
+    FEATURE_SPEC_HASH,
+    HORIZON_FEATURE_NAMES,
+    TARGETS,
+    VM_FEATURE_NAMES,
+    WINDOW_CHANNELS,
+    build_features,
+    training_examples,
+    windows_at,
+)
+
+SLOT = 300
+DAY = 86400 // SLOT
+H = np.array([1, 2, 6, 12, 48, 288])
+
+
+def col(name: str) -> int:
+    return FEATURE_NAMES.index(name)
+
+
+def attrs(k: int, vcpus: float = 4.0, mem: float = 8192.0) -> dict[str, np.ndarray]:
+    return {"vcpus": np.full(k, vcpus, np.float32), "mem_total_mb": np.full(k, mem, np.float32)}
+
+
+def random_window(k: int, S: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((k, S, len(WINDOW_CHANNELS))) * 100).astype(np.float32)
+
+
+def test_shape_dtype_and_vm_major_rows() -> None:
+    k, S = 5, 288
+    X = build_features(random_window(k, S), attrs(k), np.arange(k) + 10_000, H, SLOT)
+    assert X.shape == (k * len(H), len(FEATURE_NAMES))
+    assert X.dtype == np.float32
+    # row i*H + j is VM i at horizon j
+    assert X[2 * len(H) + 3, col("horizon_h")] == pytest.approx(H[3] * SLOT / 3600)
+
+
+def test_names_unique_and_split_into_vm_and_horizon_parts() -> None:
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
+    assert FEATURE_NAMES == VM_FEATURE_NAMES + HORIZON_FEATURE_NAMES
+
+
+def test_nan_gaps_are_tolerated_and_stats_match_nan_aware_numpy() -> None:
+    k, S = 3, 288
+    win = random_window(k, S, seed=1)
+    rng = np.random.default_rng(2)
+    win[rng.random((k, S)) < 0.3] = np.nan  # 30 % missing slots
+    win[1, -5:] = np.nan  # VM 1 silent for the newest 5 slots
+    win[2] = np.nan  # VM 2 never seen
+    X = build_features(win, attrs(k), np.arange(k), H, SLOT).reshape(k, len(H), -1)
+    cpu = win[0, :, 0]
+    assert X[0, 0, col("cpu_mean_6h")] == pytest.approx(np.nanmean(cpu[-72:]), rel=1e-5)
+    assert X[0, 0, col("cpu_std_24h")] == pytest.approx(np.nanstd(cpu), rel=1e-4)
+    assert X[0, 0, col("cpu_max_1h")] == pytest.approx(np.nanmax(cpu[-12:]))
+    last_seen = np.flatnonzero(~np.isnan(win[1, :, 0]))[-1]
+    assert X[1, 0, col("cpu_last")] == pytest.approx(win[1, last_seen, 0])
+    assert X[1, 0, col("staleness_slots")] >= 5
+    # an unseen VM: window statistics unknown, calendar and attributes still there
+    assert np.isnan(X[2, :, col("cpu_mean_24h")]).all()
+    assert np.isfinite(X[2, :, col("tod_sin")]).all() and (X[2, :, col("vcpus")] == 4).all()
+
+
+def test_rates_are_on_log1p_scale() -> None:
+    win = random_window(1, 288)
+    X = build_features(win, attrs(1), np.array([0]), np.array([1]), SLOT)
+    assert X[0, col("dirty_last")] == pytest.approx(np.log1p(win[0, -1, 1]))
+    assert X[0, col("net_last")] == pytest.approx(np.log1p(win[0, -1, 2]))
+    assert X[0, col("cpu_last")] == pytest.approx(win[0, -1, 0])
+
+
+@pytest.mark.parametrize("S", [DAY, 2 * DAY])
+def test_same_slot_yesterday_is_relative_to_the_target_slot(S: int) -> None:
+    win = np.zeros((1, S, 4), np.float32)
+    win[0, :, 0] = np.arange(S)  # cpu value = window index
+    X = build_features(win, attrs(1), np.array([123_456]), H, SLOT)
+    expected = S - 1 - DAY + H  # window index of (target slot - 1 day)
+    np.testing.assert_array_equal(X[:, col("cpu_yday")], expected)
+    # window too short for last week: unknown rather than wrong
+    assert np.isnan(X[:, col("cpu_lastweek")]).all()
+
+
+def test_last_week_when_the_window_allows() -> None:
+    S = 7 * DAY - 3  # a week ago of target slot h sits at window index h - 4
+    win = np.zeros((1, S, 4), np.float32)
+    win[0, :, 0] = np.arange(S)
+    X = build_features(win, attrs(1), np.array([0]), np.array([1, 5, 20]), SLOT)
+    assert np.isnan(X[0, col("cpu_lastweek")])  # before the window's oldest slot
+    assert list(X[1:, col("cpu_lastweek")]) == [1, 16]
+
+
+def test_yesterday_hour_mean_tolerates_a_missing_exact_slot() -> None:
+    S = DAY
+    win = np.full((1, S, 4), 7.0, np.float32)
+    win[0, 0, 0] = np.nan  # exactly the slot h=1 looks up
+    X = build_features(win, attrs(1), np.array([0]), np.array([1]), SLOT)
+    assert np.isnan(X[0, col("cpu_yday")])
+    assert X[0, col("cpu_yday_1h")] == pytest.approx(7.0)
+
+
+def test_per_vm_features_are_identical_across_horizons() -> None:
+    k = 4
+    X = build_features(random_window(k, 288), attrs(k), np.arange(k), H, SLOT).reshape(k, len(H), -1)
+    vm_cols = slice(0, len(VM_FEATURE_NAMES))
+    assert np.array_equal(X[:, :1, vm_cols].repeat(len(H), axis=1), X[:, :, vm_cols], equal_nan=True)
+    assert not np.array_equal(X[:, 0, col("horizon_h")], X[:, 1, col("horizon_h")])
+
+
+def test_calendar_of_the_target_slot() -> None:
+    midnight = calendar.timegm((2026, 11, 27, 0, 0, 0))  # a Friday
+    last_slot = np.array([midnight // SLOT - 1])  # target of h=1 is midnight
+    X = build_features(random_window(1, 288), attrs(1), last_slot, np.array([1, 73]), SLOT)
+    assert X[0, col("tod_sin")] == pytest.approx(0.0, abs=1e-6)
+    assert X[0, col("tod_cos")] == pytest.approx(1.0)
+    assert X[0, col("dow")] == 4  # Monday = 0
+    assert X[1, col("tod_sin")] == pytest.approx(1.0)  # 72 slots after midnight: 06:00
+
+
+def test_memory_utilisation_and_unknown_size() -> None:
+    win = random_window(2, 288)
+    win[:, :, 3] = 2048.0
+    a = {"vcpus": np.array([2, np.nan], np.float32), "mem_total_mb": np.array([8192, np.nan], np.float32)}
+    X = build_features(win, a, np.arange(2), np.array([1]), SLOT)
+    assert X[0, col("mem_util")] == pytest.approx(0.25)
+    assert np.isnan(X[1, col("mem_util")]) and np.isnan(X[1, col("vcpus")])
+
+
+def test_bad_input_is_explained() -> None:
+    with pytest.raises(ValueError, match="win must be"):
+        build_features(np.zeros((2, 10, 3), np.float32), attrs(2), np.arange(2), H, SLOT)
+    with pytest.raises(ValueError, match="horizons"):
+        build_features(random_window(1, 10), attrs(1), np.arange(1), np.array([0]), SLOT)
+
+
+def test_spec_hash_is_stable_across_processes() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "from gpu_kernels.features import FEATURE_SPEC_HASH as h; print(h)"],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == FEATURE_SPEC_HASH
+    assert len(FEATURE_SPEC_HASH) == 64
+
+
+def test_training_examples_reuse_the_serving_features() -> None:
+    V, T, S = 2, 400, 288
+    rng = np.random.default_rng(3)
+    series = (rng.random((V, T, 4)) * 50).astype(np.float32)
+    a = attrs(V)
+    origins = np.array([10, 300, 395])
+    h = np.array([1, 3, 6])
+    X, Y = training_examples(series, a, 1_000, origins, h, S, SLOT)
+    # origin 395 + 6 is past the series end -> that row is dropped
+    assert X.shape == (V * 3 * 3 - V, len(FEATURE_NAMES)) and Y.shape == (X.shape[0], len(TARGETS))
+    # VM 1, origin 300: same features as serving that VM's window directly
+    win = series[1:2, 300 - S + 1 : 301]
+    direct = build_features(win, attrs(1), np.array([1_300]), h, SLOT)
+    row = (3 * 3 - 1) + 3  # VM 0 has 8 kept rows; then VM 1's origin 10 (3 rows)
+    np.testing.assert_array_equal(X[row : row + 3], direct)
+    np.testing.assert_array_equal(Y[row : row + 3], series[1, 300 + h][:, :3])
+
+
+def test_windows_at_pads_young_series_with_nan() -> None:
+    series = np.arange(10, dtype=np.float32).reshape(1, 10, 1).repeat(4, axis=2)
+    w = windows_at(series, np.array([2]), 5)
+    assert np.isnan(w[0, :2, 0]).all() and list(w[0, 2:, 0]) == [0, 1, 2]

@@ -1,0 +1,52 @@
+"""vm.scores records: key = VM id, value = the contract's JSON, decodable back to the batch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from streams.scores import SCORE_FIELDS, ScoreBatch
+from streams.sinks.scores_topic import score_records
+
+
+def make_batch(n: int, *, seed: int = 0) -> ScoreBatch:
+    rng = np.random.default_rng(seed)
+    start = 1.7e9 + rng.integers(0, 288, n) * 300.0
+    return ScoreBatch(
+        vm=[f"vm-{i}" if i % 3 else f"vm-ünï\n{i}" for i in range(n)],  # non-ASCII and newline in ids survive
+        host=[f"h{i % 7}" for i in range(n)],
+        best_start=start,
+        best_end=start + 300.0,
+        best_downtime_ms=rng.uniform(20, 300, n).astype(np.float32),
+        now_downtime_ms=rng.uniform(20, 3000, n).astype(np.float32),
+        p_ok=rng.uniform(0, 1, n).astype(np.float32),
+        last_ts=1.7e9 - rng.uniform(0, 600, n),
+        model="m-20260101-abc",
+        updated=1.7e9 + 1.5,
+    )
+
+
+def test_records_roundtrip_to_the_batch_fields():
+    batch = make_batch(50)
+    out = score_records(batch)
+    assert len(out) == len(batch)
+    for (key, value), rec in zip(out, batch.records()):
+        decoded = json.loads(value)
+        assert key.decode("utf-8") == rec["vm"] == decoded["vm"]
+        assert set(decoded) == set(SCORE_FIELDS)
+        assert decoded == rec
+
+
+def test_non_finite_downtime_becomes_json_null():
+    batch = make_batch(3)
+    batch.now_downtime_ms[1] = np.inf  # pre-copy that never converges
+    batch.best_downtime_ms[2] = np.nan
+    values = [json.loads(v) for _, v in score_records(batch)]
+    assert values[1]["now_downtime_ms"] is None
+    assert values[2]["best_downtime_ms"] is None
+    assert values[0]["now_downtime_ms"] == round(float(batch.now_downtime_ms[0]), 3)
+
+
+def test_empty_batch_gives_no_records():
+    assert score_records(make_batch(0)) == []

@@ -1,0 +1,162 @@
+"""Window store: slot means, gaps, drops, growth, eviction, host traffic, snapshots."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gpu_kernels.downtime import dirty_rate_proxy
+from gpu_kernels.features import WINDOW_CHANNELS
+from streams.schema import METRICS
+from streams.window_store import WindowStore, derive_channels
+
+SLOT = 300
+M = {n: i for i, n in enumerate(METRICS)}
+CPU, DIRTY, NET, MEM = (WINDOW_CHANNELS.index(c) for c in ("cpu_pct", "dirty_mbps", "net_mbps", "mem_used_mb"))
+
+
+def samples(n, rng, nan_frac=0.0):
+    v = rng.uniform(1, 100, (n, len(METRICS))).astype(np.float32)
+    v[rng.random(v.shape) < nan_frac] = np.nan
+    return v
+
+
+def test_slot_means_match_a_groupby_reference():
+    rng = np.random.default_rng(1)
+    n, S = 3000, 16
+    vm = [f"vm{i}" for i in rng.integers(0, 40, n)]
+    t0 = 1_700_000_000 - 1_700_000_000 % SLOT
+    ts = t0 + rng.uniform(0, S * SLOT, n)
+    vals = samples(n, rng, nan_frac=0.1)
+    store = WindowStore(S, SLOT, 3600, capacity=4)
+    for part in np.array_split(np.arange(n), 5):  # several batches, arbitrary order
+        store.update([vm[i] for i in part], ["h"] * len(part), ts[part], vals[part])
+    ch = derive_channels(vals)
+    df = pd.DataFrame(ch, columns=list(WINDOW_CHANNELS)).assign(vm=vm, slot=(ts // SLOT).astype(np.int64))
+    ref = df.groupby(["vm", "slot"]).mean()  # pandas skips NaN like the store
+    rows = store.rows_of(sorted(set(vm)))
+    win, attrs = store.windows(rows)
+    assert win.shape == (len(rows), S, len(WINDOW_CHANNELS)) and win.dtype == np.float32
+    for i, name in enumerate(attrs["vm"]):
+        last = attrs["last_slot"][i]
+        assert last == df.loc[df.vm == name, "slot"].max()
+        expect = ref.loc[name].reindex(np.arange(last - S + 1, last + 1)).to_numpy(np.float32)
+        np.testing.assert_allclose(win[i], expect, rtol=1e-5, equal_nan=True)
+
+
+def test_gap_slots_are_nan_and_wraparound_clears_old_data():
+    rng = np.random.default_rng(2)
+    store = WindowStore(8, SLOT, 1e9)
+    t0 = 1000 * SLOT
+    store.update(["a"] * 3, ["h"] * 3, np.array([t0, t0 + SLOT, t0 + 2 * SLOT], float), samples(3, rng))
+    store.update(["a"], ["h"], np.array([t0 + 5 * SLOT + 1.0]), samples(1, rng))
+    win, _ = store.windows(store.rows_of(["a"]))
+    observed = ~np.isnan(win[0, :, CPU])
+    # window covers slots t0-2 .. t0+5: observed at t0, t0+1, t0+2, t0+5
+    np.testing.assert_array_equal(observed, [0, 0, 1, 1, 1, 0, 0, 1])
+    # jump a whole window ahead: only the new sample remains
+    store.update(["a"], ["h"], np.array([t0 + 20 * SLOT]), samples(1, rng))
+    win, _ = store.windows(store.rows_of(["a"]))
+    assert (~np.isnan(win[0, :, CPU])).sum() == 1 and not np.isnan(win[0, -1, CPU])
+
+
+def test_samples_older_than_the_window_are_dropped_and_counted():
+    rng = np.random.default_rng(3)
+    store = WindowStore(4, SLOT, 1e9)
+    t0 = 1000 * SLOT
+    store.update(["a"], ["h"], np.array([t0 + 10 * SLOT]), samples(1, rng))
+    late = np.array([t0 + 9 * SLOT, t0 + 2 * SLOT])  # one inside, one far too old
+    store.update(["a", "a"], ["h", "h"], late, samples(2, rng))
+    assert store.dropped_old == 1
+    win, _ = store.windows(store.rows_of(["a"]))
+    assert (~np.isnan(win[0, :, CPU])).sum() == 2
+
+
+def test_channels_use_measured_dirty_else_proxy_and_net_in_mbps():
+    v = np.full((2, len(METRICS)), np.nan, np.float32)
+    v[:, M["cpu_pct"]] = 40
+    v[:, M["vcpus"]] = 2
+    v[:, M["mem_used_mb"]] = 4096
+    v[:, M["disk_write_kbps"]] = 512
+    v[0, M["dirty_mbps"]] = 77
+    v[:, M["net_rx_kbps"]] = [1024, np.nan]
+    v[:, M["net_tx_kbps"]] = [2048, np.nan]
+    ch = derive_channels(v)
+    assert ch[0, DIRTY] == 77
+    assert ch[1, DIRTY] == pytest.approx(float(dirty_rate_proxy(40.0, 2.0, 4096.0, 512.0)))
+    assert ch[0, NET] == pytest.approx(3.0) and np.isnan(ch[1, NET])
+
+
+def test_grows_by_doubling_and_evicts_idle_rows_cleanly():
+    rng = np.random.default_rng(4)
+    store = WindowStore(4, SLOT, ttl_s=600, capacity=2)
+    t0 = 1000 * SLOT
+    store.update([f"v{i}" for i in range(5)], ["h"] * 5, np.full(5, t0), samples(5, rng))
+    assert store.capacity == 8 and len(store) == 5
+    store.update(["v0"], ["h"], np.array([t0 + 1200.0]), samples(1, rng))
+    gone = store.evict_idle(now=t0 + 1200.0)
+    assert sorted(gone) == ["v1", "v2", "v3", "v4"] and len(store) == 1
+    # a reused row starts empty
+    store.update(["new"], ["h"], np.array([t0 + 1200.0]), samples(1, rng))
+    win, _ = store.windows(store.rows_of(["new"]))
+    assert (~np.isnan(win[0, :, CPU])).sum() == 1
+
+
+def test_host_traffic_sums_latest_net_of_the_host():
+    store = WindowStore(4, SLOT, 1e9)
+    v = np.full((4, len(METRICS)), np.nan, np.float32)
+    v[:, M["net_rx_kbps"]] = [1024, 2048, 4096, 9999]
+    v[:, M["net_tx_kbps"]] = 0
+    ts = np.array([0.0, 0.0, 0.0, -10.0]) + 1000 * SLOT
+    store.update(["a", "b", "c", "a"], ["h1", "h1", "h2", "h1"], ts, v)  # a's older sample is not "latest"
+    rows = store.rows_of(["a", "b", "c"])
+    np.testing.assert_allclose(store.host_traffic_mbps(rows), [3.0, 3.0, 4.0])
+    np.testing.assert_allclose(store.host_traffic_mbps(rows, exclude_self=True), [2.0, 1.0, 0.0])
+
+
+def test_attributes_come_from_the_newest_sample():
+    store = WindowStore(4, SLOT, 1e9)
+    v = np.full((2, len(METRICS)), np.nan, np.float32)
+    v[:, M["mem_total_mb"]] = [8192, 4096]
+    v[:, M["vcpus"]] = [8, 4]
+    store.update(["a", "a"], ["h-new", "h-old"], np.array([2000.0, 1000.0]) + 1000 * SLOT, v)
+    _, attrs = store.windows(store.rows_of(["a"]))
+    assert attrs["mem_total_mb"][0] == 8192 and attrs["vcpus"][0] == 8 and attrs["host"] == ["h-new"]
+
+
+def test_snapshot_round_trips_through_npz_without_pickle():
+    rng = np.random.default_rng(5)
+    store = WindowStore(12, SLOT, 3600)
+    n = 500
+    vm = [f"vm{i}" for i in rng.integers(0, 30, n)]
+    host = [f"h{int(x[2:]) % 4}" for x in vm]
+    store.update(vm, host, 1000 * SLOT + rng.uniform(0, 12 * SLOT, n), samples(n, rng, 0.1))
+    store.release(store.rows_of(["vm3"]))
+    buf = io.BytesIO()
+    np.savez(buf, **store.snapshot())
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as z:
+        back = WindowStore.restore({k: z[k] for k in z.files})
+    names = sorted(store.row_of)
+    assert sorted(back.row_of) == names and "vm3" not in names
+    w1, a1 = store.windows(store.rows_of(names))
+    w2, a2 = back.windows(back.rows_of(names))
+    np.testing.assert_array_equal(w1, w2)
+    assert a1["host"] == a2["host"]
+    np.testing.assert_array_equal(a1["last_ts"], a2["last_ts"])
+    np.testing.assert_allclose(store.host_traffic_mbps(store.rows_of(names)), back.host_traffic_mbps(back.rows_of(names)))
+
+
+def test_bytes_per_vm_is_reported():
+    store = WindowStore(288, SLOT, 3600)
+    assert store.nbytes_per_vm >= 288 * len(WINDOW_CHANNELS) * 8
+    assert store.nbytes >= store.capacity * 288 * len(WINDOW_CHANNELS) * 8
+
+
+def test_rejects_misshapen_values():
+    store = WindowStore(4, SLOT, 1e9)
+    with pytest.raises(ValueError, match="METRICS"):
+        store.update(["a"], ["h"], np.array([0.0]), np.zeros((1, 3)))

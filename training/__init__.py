@@ -1,0 +1,1 @@
+"""Features, forecaster training, evaluation, retraining and the model store."""

@@ -1,0 +1,196 @@
+"""The forecast model in service: XGBoost boosters + the manifest that makes them trustworthy.
+
+Artifacts are one XGBoost UBJ file per target plus ``manifest.json`` (version,
+feature-spec hash, horizon grid, slot length, targets, quantiles, training range,
+metrics, creation time, sha256 of every file). Loading verifies all of it and
+raises ``ModelRejected`` rather than serving a model that could silently compute
+the wrong thing. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gpu_kernels.features import FEATURE_NAMES, FEATURE_SPEC_HASH, QUANTILES, TARGETS
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+#: Sparse horizon grid (slots of 5 min): dense near term, coarser far out; the scorer interpolates.
+BASE_HORIZONS: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 12, 18, 24, 36, 48, 72, 96, 144, 192, 240, 288)
+#: Feature-spec hashes this build can compute; a model built on anything else is refused.
+KNOWN_FEATURE_HASHES: frozenset[str] = frozenset({FEATURE_SPEC_HASH})
+
+
+class ModelRejected(Exception):
+    """A model artifact that must not be served (corrupt, tampered or incompatible)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def default_horizons(horizon_slots: int) -> np.ndarray:
+    """The sparse grid up to ``horizon_slots`` (always ending exactly there)."""
+    if horizon_slots < 1:
+        raise ValueError("horizon_slots must be >= 1")
+    grid = [h for h in BASE_HORIZONS if h < horizon_slots] + [horizon_slots]
+    return np.asarray(grid, dtype=np.int64)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_name(target: str) -> str:
+    return f"{target}.ubj"
+
+
+@dataclass
+class ForecastModel:
+    """Quantile forecaster over ``FEATURE_NAMES`` rows -> ``(n, len(TARGETS), len(QUANTILES))``."""
+
+    version: str
+    boosters: dict[str, Any]
+    horizons: np.ndarray
+    slot_s: int
+    feature_hash: str = FEATURE_SPEC_HASH
+    targets: tuple[str, ...] = TARGETS
+    quantiles: tuple[float, ...] = QUANTILES
+    training_range: tuple[int, int] | None = None  # epoch seconds of the first/last training slot
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.horizons = np.asarray(self.horizons, dtype=np.int64).reshape(-1)
+        missing = [t for t in self.targets if t not in self.boosters]
+        if missing:
+            raise ValueError(f"no booster for targets {missing}")
+
+    def predict(self, X: Any, device: str | None = None) -> Any:
+        """Raw-scale quantiles ``(n, 3, 2)`` float32 on ``X``'s device; q90 >= q50 >= 0.
+
+        ``device`` ('cpu' or 'gpu') defaults to where ``X`` lives; the engine (nvforest or
+        XGBoost) is chosen by ``gpu_kernels.inference``.
+        """
+        from training.fit import predict_boosters
+
+        if X.shape[1] != len(FEATURE_NAMES):
+            raise ValueError(f"X has {X.shape[1]} columns, the model expects {len(FEATURE_NAMES)} features")
+        return predict_boosters(self.boosters, X, device)
+
+    # --- artifacts -------------------------------------------------------------
+    def manifest(self, files: dict[str, str]) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "version": self.version,
+            "feature_hash": self.feature_hash,
+            "feature_names": list(FEATURE_NAMES),
+            "horizons": [int(h) for h in self.horizons],
+            "slot_s": int(self.slot_s),
+            "targets": list(self.targets),
+            "quantiles": list(self.quantiles),
+            "training_range": list(self.training_range) if self.training_range else None,
+            "metrics": self.metrics,
+            "created": self.created,
+            "files": files,
+        }
+
+    def artifact_bytes(self) -> dict[str, bytes]:
+        """File name -> bytes, the manifest last (it seals the others by checksum)."""
+        blobs = {_file_name(t): bytes(self.boosters[t].save_raw("ubj")) for t in self.targets}
+        files = {name: _sha256(data) for name, data in blobs.items()}
+        blobs[MANIFEST] = json.dumps(self.manifest(files), indent=1, sort_keys=True).encode()
+        return blobs
+
+    def save(self, url: str) -> None:
+        """Write the artifacts to a local dir or fsspec URL (manifest written last)."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.makedirs(root, exist_ok=True)
+        for name, data in self.artifact_bytes().items():
+            fs.pipe_file(f"{root.rstrip('/')}/{name}", data)
+
+    @classmethod
+    def load(
+        cls,
+        url: str,
+        *,
+        known_hashes: Iterable[str] = KNOWN_FEATURE_HASHES,
+        slot_s: int | None = None,
+    ) -> ForecastModel:
+        """Read and verify a model; ``ModelRejected(reason)`` when it must not be served."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/")
+        try:
+            raw = fs.cat_file(f"{root}/{MANIFEST}")
+        except FileNotFoundError as exc:
+            raise ModelRejected(f"{url}: no {MANIFEST}") from exc
+        try:
+            man = json.loads(raw)
+            if not isinstance(man, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise ModelRejected(f"{url}: {MANIFEST} is not valid JSON ({exc})") from exc
+        _check_manifest(man, url, frozenset(known_hashes), slot_s)
+        import xgboost as xgb
+
+        boosters: dict[str, Any] = {}
+        for target in man["targets"]:
+            name = _file_name(target)
+            try:
+                data = fs.cat_file(f"{root}/{name}")
+            except FileNotFoundError as exc:
+                raise ModelRejected(f"{url}: missing {name}") from exc
+            if _sha256(data) != man["files"].get(name):
+                raise ModelRejected(f"{url}: checksum mismatch for {name} (corrupt or tampered)")
+            booster = xgb.Booster()
+            try:
+                booster.load_model(bytearray(data))
+            except xgb.core.XGBoostError as exc:
+                raise ModelRejected(f"{url}: {name} is not a loadable XGBoost model ({exc})") from exc
+            if booster.num_features() != len(FEATURE_NAMES):
+                raise ModelRejected(f"{url}: {name} expects {booster.num_features()} features, not {len(FEATURE_NAMES)}")
+            boosters[target] = booster
+        tr = man.get("training_range")
+        return cls(
+            version=man["version"],
+            boosters=boosters,
+            horizons=np.asarray(man["horizons"], dtype=np.int64),
+            slot_s=int(man["slot_s"]),
+            feature_hash=man["feature_hash"],
+            targets=tuple(man["targets"]),
+            quantiles=tuple(man["quantiles"]),
+            training_range=(int(tr[0]), int(tr[1])) if tr else None,
+            metrics=dict(man.get("metrics") or {}),
+            created=float(man.get("created", 0.0)),
+        )
+
+
+def _check_manifest(man: dict[str, Any], url: str, known: frozenset[str], slot_s: int | None) -> None:
+    if man.get("format") != FORMAT_VERSION:
+        raise ModelRejected(f"{url}: manifest format {man.get('format')!r}, this build reads {FORMAT_VERSION}")
+    for key in ("version", "feature_hash", "horizons", "slot_s", "targets", "quantiles", "files"):
+        if key not in man:
+            raise ModelRejected(f"{url}: manifest lacks {key!r}")
+    if man["feature_hash"] not in known:
+        raise ModelRejected(
+            f"{url}: feature spec {str(man['feature_hash'])[:12]} is unknown to this worker "
+            f"(it computes {FEATURE_SPEC_HASH[:12]}); upgrade the worker or retrain"
+        )
+    if tuple(man["targets"]) != TARGETS or tuple(man["quantiles"]) != QUANTILES:
+        raise ModelRejected(f"{url}: targets/quantiles {man['targets']}/{man['quantiles']} != {TARGETS}/{QUANTILES}")
+    h = np.asarray(man["horizons"])
+    if h.ndim != 1 or h.size == 0 or not np.issubdtype(h.dtype, np.integer) or (h < 1).any() or (np.diff(h) <= 0).any():
+        raise ModelRejected(f"{url}: horizons must be increasing positive slot counts, got {man['horizons']}")
+    if slot_s is not None and int(man["slot_s"]) != int(slot_s):
+        raise ModelRejected(f"{url}: model slot is {man['slot_s']} s, this worker uses {slot_s} s")
