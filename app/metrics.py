@@ -38,6 +38,8 @@ class WorkerMetrics:
         self.vms_scored = Counter("zhuge_vms_scored_total", "VM scores computed", registry=r)
         self.model_rejected = Counter("zhuge_model_rejected_total", "Published models refused at load (checksum, spec mismatch)", registry=r)
         self.samples_late_dropped = Counter("zhuge_samples_late_dropped_total", "Samples older than the window, dropped", registry=r)
+        self.recovery_replayed = Counter("zhuge_recovery_replayed_records_total", "Kafka records replayed into windows after a restart or rebalance", registry=r)
+        self.recovery_skipped = Counter("zhuge_recovery_skipped_records_total", "Re-delivered records skipped because the windows already held them", registry=r)
         self.redis_errors = Counter("zhuge_redis_errors_total", "Failed Redis writes (retried)", registry=r)
 
         self.batch_size = Histogram("zhuge_batch_size", "Samples per micro-batch", buckets=BATCH_BUCKETS, registry=r)

@@ -217,6 +217,7 @@ def run_worker(settings: Settings) -> None:
     """Run one worker until interrupted (used by ``zhuge worker``)."""
     from faust.worker import Worker
 
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # replay consumers log every subscription
     Path(settings.state_dir, "faust", settings.consumer_group).mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True)

@@ -213,7 +213,7 @@ async def _bench_shape(base: Settings, shape: str, samples: int, vms: int, hosts
         rescore_s=0,
     )
     await ensure_topics(settings, [settings.topic_metrics, settings.topic_dlq, settings.topic_scores])
-    batched = shape == "batched"
+    batched = shape == "batched"  # the other shape is "per-vm"
     steps = max(1, samples // vms)
     records = fleet_records(vms, hosts, steps, batched=batched, end_ts=time.time() - SLOT_S)
     n_samples = steps * vms

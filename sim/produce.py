@@ -110,11 +110,35 @@ async def ensure_topics(settings: Any, topics: Sequence[str]) -> None:
         await admin.close()
 
 
-async def send_records(producer: Any, topic: str, records: Sequence[Record], chunk: int = 5000) -> None:
-    """Enqueue without awaiting each delivery; wait for deliveries chunk by chunk."""
-    for lo in range(0, len(records), chunk):
-        futs = [await producer.send(topic, value, key=key) for key, value in records[lo: lo + chunk]]
-        await asyncio.gather(*futs)
+class Sender:
+    """Enqueue records without awaiting each delivery; wait only when many are pending.
+
+    Awaiting every small batch would cost a linger period each (a replay sends
+    thousands of tiny buckets), so deliveries are awaited every ``max_pending``
+    records and at ``flush``; a delivery error surfaces there.
+    """
+
+    def __init__(self, producer: Any, topic: str, max_pending: int = 20_000) -> None:
+        self.producer, self.topic, self.max_pending = producer, topic, max_pending
+        self._pending: list[asyncio.Future[Any]] = []
+
+    async def send(self, records: Sequence[Record]) -> None:
+        for key, value in records:
+            self._pending.append(await self.producer.send(self.topic, value, key=key))
+            if len(self._pending) >= self.max_pending:
+                await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+async def send_records(producer: Any, topic: str, records: Sequence[Record], chunk: int = 20_000) -> None:
+    """Send and wait for every delivery."""
+    sender = Sender(producer, topic, chunk)
+    await sender.send(records)
+    await sender.flush()
 
 
 @dataclass
@@ -155,6 +179,7 @@ async def simulate(
     producer = AIOKafkaProducer(**producer_kwargs(settings))
     await producer.start()
     prog = Progress(started=time.monotonic())
+    sender = Sender(producer, topic)
     try:
         step = 0
         while n_steps is None or step < n_steps:
@@ -164,13 +189,16 @@ async def simulate(
             s = fleet.sample(ts)
             records = encode_rows(s.vm, np.full(n_vms, ts), {f: getattr(s, f) for f in FIELDS}, s.host,
                                   batched=batched)
-            await send_records(producer, topic, records)
+            await sender.send(records)
+            if realtime:
+                await sender.flush()
             prog.messages += len(records)
             prog.samples += n_vms
             prog.periods += 1
             step += 1
             if on_progress is not None:
                 on_progress(prog)
+        await sender.flush()
     finally:
         await producer.stop()  # flushes what is queued, also on Ctrl-C
     return prog

@@ -68,7 +68,7 @@ async def replay(
     """Send every row of the selected VMs once, in time order; returns the counts."""
     from aiokafka import AIOKafkaProducer
 
-    from sim.produce import encode_rows, ensure_topics, producer_kwargs, send_records
+    from sim.produce import Sender, encode_rows, ensure_topics, producer_kwargs
 
     topic = topic or settings.topic_metrics
     stats = ReplayStats()
@@ -85,6 +85,7 @@ async def replay(
     await producer.start()
     wall0 = time.monotonic()
     stats.started = wall0
+    sender = Sender(producer, topic)
     try:
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if speed > 0:
@@ -100,11 +101,12 @@ async def replay(
                 records = [r for r in records if r[1] not in bad]
                 n_ok = len(decode_messages([v for _, v in records], now=no_future_limit))
                 stats.dropped["failed contract"] = stats.dropped.get("failed contract", 0) + int(hi - lo) - n_ok
-            await send_records(producer, topic, records)
+            await sender.send(records)
             stats.messages += len(records)
             stats.rows_sent += n_ok
             if on_progress is not None:
                 on_progress(stats)
+        await sender.flush()
     finally:
         await producer.stop()
     return stats

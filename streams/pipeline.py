@@ -32,6 +32,8 @@ from streams.window_store import WindowStore
 
 log = logging.getLogger(__name__)
 
+EVICT_EVERY_S = 60.0
+
 
 @dataclass(frozen=True)
 class Record:
@@ -49,6 +51,7 @@ class PartitionState:
     store: WindowStore
     next_offset: int
     last_snapshot: float = field(default_factory=time.monotonic)
+    last_evict: float = field(default_factory=time.monotonic)
     pending: set[str] = field(default_factory=set)  # VMs with samples not yet scored
 
 
@@ -93,16 +96,25 @@ class Pipeline:
         return WindowStore(s.window_slots, s.slot_s, s.vm_ttl_s, xp=self.xp)
 
     async def _ensure_partition(self, partition: int, first_offset: int) -> PartitionState:
-        """Return the partition's state, rebuilding it when offsets do not line up."""
+        """Return the partition's state, rebuilding it when the stream jumped past it.
+
+        ``first_offset`` > the offset the store expects (restart, ``kill -9``, rebalance):
+        load the newest snapshot and replay ``[snapshot offset, first_offset)`` from Kafka.
+        ``first_offset`` below it (Faust re-delivering what was processed but not yet
+        committed): keep the store; ``process`` skips the records it already holds.
+        """
         state = self.partitions.get(partition)
-        if state is not None and state.next_offset == first_offset:
+        if state is not None and first_offset <= state.next_offset:
             return state
         reason = "first sight" if state is None else f"offset jump {state.next_offset} -> {first_offset}"
         started = time.monotonic()
         snap = await asyncio.to_thread(self.snapshots.load, partition)
         store = WindowStore.restore(snap.arrays, xp=self.xp) if snap else self._new_store()
+        if snap and (store.n_slots != self.settings.window_slots or store.slot_s != self.settings.slot_s):
+            log.warning("snapshot of partition %d has another window shape: rebuilding from Kafka", partition)
+            store, snap = self._new_store(), None
         start = snap.next_offset if snap else None
-        state = PartitionState(store=store, next_offset=first_offset)
+        state = PartitionState(store=store, next_offset=max(first_offset, start or 0))
 
         def apply(values: list[bytes], keys: list[bytes | None]) -> None:
             decoded = decode_messages(values, keys, now=self.clock())
@@ -121,6 +133,8 @@ class Pipeline:
             since_ts=since,
         )
         self.partitions[partition] = state
+        if self.metrics is not None:
+            self.metrics.recovery_replayed.inc(replayed)
         log.info(
             "partition %d ready (%s): snapshot=%s, replayed %d records up to offset %d in %.2fs",
             partition,
@@ -148,13 +162,19 @@ class Pipeline:
             for r in records:
                 by_partition.setdefault(r.partition, []).append(r)
             states = {p: await self._ensure_partition(p, rs[0].offset) for p, rs in by_partition.items()}
+            # records the windows already hold (re-delivered after a restart) are skipped, not double-counted
+            kept = {p: [r for r in rs if r.offset >= states[p].next_offset] for p, rs in by_partition.items()}
+            skipped = sum(len(rs) - len(kept[p]) for p, rs in by_partition.items())
+            if skipped and self.metrics is not None:
+                self.metrics.recovery_skipped.inc(skipped)
+            by_partition = {p: rs for p, rs in kept.items() if rs}
             now = self.clock()
             decoded, scores = await asyncio.to_thread(self._compute, by_partition, states, now)
             result = BatchResult(samples=sum(len(d.vm) for d in decoded.values()))
             result.rejected = sum(len(d.rejected) for d in decoded.values())
             await self._write_sinks(decoded, scores, result)
             for p, rs in by_partition.items():
-                states[p].next_offset = rs[-1].offset + 1
+                states[p].next_offset = max(states[p].next_offset, rs[-1].offset + 1)
             result.scored = sum(len(b) for b in scores)
             self._observe(records, decoded, result, started, now)
             await self._maybe_snapshot()
@@ -173,10 +193,25 @@ class Pipeline:
             if len(d.vm):
                 state.store.update(d.vm, d.host, d.ts, d.values)
                 state.pending.update(d.vm)
+            self._maybe_evict(state)
             batch = self._score_pending(state, now)
             if batch is not None:
                 scores.append(batch)
         return decoded, scores
+
+    def _maybe_evict(self, state: PartitionState) -> None:
+        """Drop VMs silent for ``vm_ttl_s`` of *stream* time (the partition's newest sample).
+
+        Stream time, not wall time, so that replaying old traces does not evict everything.
+        """
+        if time.monotonic() - state.last_evict < EVICT_EVERY_S or len(state.store) == 0:
+            return
+        state.last_evict = time.monotonic()
+        newest = float(state.store.last_ts[state.store.active_rows()].max())
+        gone = state.store.evict_idle(newest)
+        if gone:
+            state.pending.difference_update(gone)
+            log.info("evicted %d VMs silent for more than %ss", len(gone), self.settings.vm_ttl_s)
 
     def _score_pending(self, state: PartitionState, now: float) -> ScoreBatch | None:
         if not state.pending:

@@ -66,7 +66,7 @@ def _last_per_group(order: np.ndarray, group: np.ndarray, key: np.ndarray, value
 class WindowStore:
     """Ring buffers of per-slot sums/counts for the VMs of one partition."""
 
-    def __init__(self, n_slots: int, slot_s: int, ttl_s: float, xp: Any = np, capacity: int = 1024) -> None:
+    def __init__(self, n_slots: int, slot_s: int, ttl_s: float, xp: Any = np, capacity: int = 64) -> None:
         if n_slots < 2 or slot_s <= 0 or capacity < 1:
             raise ValueError("need n_slots >= 2, slot_s > 0 and capacity >= 1")
         self.n_slots, self.slot_s, self.ttl_s, self.xp = int(n_slots), int(slot_s), float(ttl_s), xp
@@ -341,7 +341,7 @@ class WindowStore:
         if int(version) != SNAPSHOT_VERSION:
             raise ValueError(f"window snapshot version {int(version)} is not {SNAPSHOT_VERSION}")
         vms = [str(v) for v in np.asarray(arrays["vm"]).tolist()]
-        cap = 1024
+        cap = 64
         while cap < len(vms):
             cap *= 2
         store = cls(int(n_slots), int(slot_s), ttl_s, xp=xp, capacity=cap)

@@ -39,8 +39,43 @@ def score(
     typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_bench(result))
 
 
+def pipeline(
+    ctx: typer.Context,
+    samples: int = typer.Option(200_000, "--samples", min=1000, help="K samples produced per message shape"),
+    vms: int = typer.Option(2000, "--vms", min=1, help="VMs in the simulated fleet"),
+    hosts: int = typer.Option(100, "--hosts", min=1, help="hosts (a host-batched message holds its VMs)"),
+    shape: list[str] = typer.Option(["batched", "per-vm"], "--shape", help="message shapes to run: batched, per-vm"),
+    latency_s: float = typer.Option(15.0, "--latency-seconds", min=1.0, help="duration of the half-load latency phase"),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="where worker logs, snapshots and models go (default: a temp dir)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON line"),
+) -> None:
+    """Worker end to end vs a bare consumer and a minimal decode+HSET pipeline, same topic, same run.
+
+    Starts Kafka and Redis at the configured addresses when they do not answer.
+    """
+    from app import services
+    from bench.pipeline import run_pipeline_bench
+
+    settings = settings_of(ctx)
+    bad = [s for s in shape if s not in ("batched", "per-vm")]
+    if bad:
+        raise typer.BadParameter(f"unknown shape(s) {bad}; use batched and/or per-vm", param_hint="--shape")
+    if not (services.kafka_ready(settings) and services.redis_ready(settings)):
+        services.up(settings, echo=lambda m: typer.echo(m, err=True))
+    result = run_pipeline_bench(settings, samples=samples, vms=vms, hosts=hosts, shapes=shape, latency_s=latency_s, workdir=workdir)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for name, r in result["shapes"].items():
+        typer.echo(
+            f"{name:8s} {r['samples']:>9,} samples  e2e {r['e2e_samples_per_s']:>10,.0f}/s  raw consume {r['raw_consume_per_s']:>10,.0f}/s  "
+            f"reference {r['reference_per_s']:>10,.0f}/s  ratio {r['ratio']:.2f}  p50 {r['p50_ms']:.0f} ms  p99 {r['p99_ms']:.0f} ms "
+            f"(at {r['offered_per_s']:,.0f}/s offered)"
+        )
+
+
 #: The `bench` sub-app's commands, (name, function): add new benchmarks here.
-COMMANDS: list[tuple[str, Callable[..., None]]] = [("score", score)]
+COMMANDS: list[tuple[str, Callable[..., None]]] = [("score", score), ("pipeline", pipeline)]
 
 
 def register(cli: typer.Typer) -> None:

@@ -1,9 +1,173 @@
-"""`zhuge` commands: models (placeholder until its issue lands)."""
+"""`zhuge evaluate` (backtest on a trace) and `zhuge retrain` (Dask training, gated publication)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from typing import Any, Optional
+
 import typer
+
+from app.context import settings_of
+
+log = logging.getLogger(__name__)
+FORMATS = ("bitbrains", "azure", "planetlab")
+
+
+def _progress(console: Any) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), console=console, transient=True)  # fmt: skip
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+    return fmt
 
 
 def register(cli: typer.Typer) -> None:
     """Add this area's commands to the CLI."""
+
+    @cli.command("evaluate")
+    def evaluate(
+        ctx: typer.Context,
+        path: str = typer.Argument(..., help="trace directory (or file)"),
+        fmt: str = typer.Option(..., "--format", help="bitbrains | azure | planetlab"),
+        vms: Optional[str] = typer.Option(None, "--vms", help="VM selection, e.g. 1-50,77 (default all)"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+        out: Optional[str] = typer.Option(None, "--out", help="write a markdown report with plots into DIR"),
+        train_frac: float = typer.Option(0.65, help="share of the time axis used for training"),
+        origin_every_h: float = typer.Option(6.0, help="hours between test origins"),
+        max_train_rows: int = typer.Option(400_000, help="training rows (random subsample above this)"),
+        trees: int = typer.Option(300, help="boosting rounds"),
+    ) -> None:
+        """Rolling-origin backtest of the forecaster vs naive baselines, with window regret."""
+        from rich.console import Console
+
+        from training.dataset import grids_from_trace, panel_from_grids
+        from training.evaluate import BacktestConfig, evaluate_panel, quality_ok
+        from training.report import summary_tables, write_report
+
+        settings = settings_of(ctx)
+        _check_format(fmt)
+        console = Console(stderr=True)
+        cfg = BacktestConfig(
+            train_frac=train_frac,
+            test_origin_every=max(1, int(round(origin_every_h * 3600 / settings.slot_s))),
+            max_train_rows=max_train_rows,
+            n_estimators=trees,
+        )
+        try:
+            with _progress(console) as prog:
+                task = prog.add_task("load", total=1.0)
+                grids = grids_from_trace(fmt, path, vms, settings.slot_s)
+                panel = panel_from_grids(grids, cfg.default_mem_mb)
+                prog.update(task, completed=1.0)
+                tasks: dict[str, Any] = {}
+
+                def report(phase: str, frac: float) -> None:
+                    if phase not in tasks:
+                        tasks[phase] = prog.add_task(phase, total=1.0)
+                    prog.update(tasks[phase], completed=frac)
+
+                result = evaluate_panel(panel, settings, cfg, report)
+        except (FileNotFoundError, ValueError) as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from exc
+        summary = result.summary
+        summary["format"] = fmt
+        if out:
+            path_md = write_report(result, out, f"zhuge backtest: {fmt} ({path})")
+            console.print(f"report written to {path_md}")
+        if as_json:
+            typer.echo(json.dumps(summary, sort_keys=True))
+            return
+        console.print(summary_tables(summary), markup=False, soft_wrap=True)
+        bar = quality_ok(summary)
+        console.print("quality bar: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in bar.items()))
+
+    @cli.command("retrain")
+    def retrain(
+        ctx: typer.Context,
+        history: Optional[str] = typer.Option(None, "--history", help="Parquet history URL [default settings.history_url]"),
+        fmt: Optional[str] = typer.Option(None, "--format", help="train on a trace instead: bitbrains | azure | planetlab"),
+        path: Optional[str] = typer.Option(None, "--path", help="trace directory (with --format)"),
+        vms: Optional[str] = typer.Option(None, "--vms", help="VM selection of the trace, e.g. 1-50"),
+        every: Optional[str] = typer.Option(None, "--every", help="repeat every interval (6h, 30m); failures are logged"),
+        scheduler: Optional[str] = typer.Option(None, "--scheduler", help="address of an existing Dask scheduler"),
+        workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes"),
+        max_rows: int = typer.Option(400_000, help="training rows (random subsample above this)"),
+        trees: int = typer.Option(300, help="boosting rounds"),
+    ) -> None:
+        """Build features on Dask workers, train with xgboost.dask, publish if better than LATEST."""
+        from rich.console import Console
+
+        from training.retrain import RetrainConfig, open_client, parse_every, retrain_once
+
+        settings = settings_of(ctx)
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if fmt is not None:
+            _check_format(fmt)
+            if path is None:
+                raise typer.BadParameter("--format needs --path")
+        source = {"fmt": fmt, "path": path, "vms": vms} if fmt else {"history": history or settings.history_url}
+        try:
+            interval = parse_every(every) if every else None
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        cfg = RetrainConfig(n_workers=workers, scheduler=scheduler, max_rows=max_rows, n_estimators=trees)
+        console = Console(stderr=True)
+        client, cluster = open_client(cfg, settings.device)
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    res = _run_once(console, settings, client, cfg, source, retrain_once)
+                    _summary(console, res)
+                except Exception as exc:  # noqa: BLE001 - the periodic loop must survive a bad run
+                    if interval is None:
+                        typer.secho(f"error: retrain failed: {exc}", err=True, fg=typer.colors.RED)
+                        raise typer.Exit(1) from exc
+                    log.exception("retrain failed; next try in %s", every)
+                if interval is None:
+                    return
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def _run_once(console: Any, settings: Any, client: Any, cfg: Any, source: dict[str, Any], fn: Any) -> Any:
+    with _progress(console) as prog:
+        tasks: dict[str, Any] = {}
+
+        def report(phase: str, frac: float) -> None:
+            task = tasks.setdefault("run", prog.add_task("retrain", total=1.0))
+            prog.update(task, completed=frac, description=phase)
+
+        return fn(settings, client, cfg, progress=report, **source)
+
+
+def _summary(console: Any, res: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="retrain")
+    table.add_column("item")
+    table.add_column("value")
+    champ = "-" if res.champion_loss is None else f"{res.champion_loss:.4f} ({res.champion})"
+    rows = [
+        ("VMs", str(res.n_vms)),
+        ("training rows", str(res.rows)),
+        ("challenger held-out loss", f"{res.challenger_loss:.4f}"),
+        ("champion held-out loss", champ),
+        ("decision", res.reason),
+        ("published version", res.version or "-"),
+        *[(k, f"{v:.1f}") for k, v in res.timings.items()],
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)

@@ -94,3 +94,13 @@ def test_unknown_format_and_missing_files():
     need(BB)
     with pytest.raises(FileNotFoundError):
         list(iter_trace("bitbrains", BB, "9999"))
+
+
+def test_replay_rows_are_in_time_order_across_vms_with_duplicates_counted():
+    need(BB)
+    from sim.replay import ReplayStats, load_rows
+
+    stats = ReplayStats()
+    rows = load_rows("bitbrains", BB, "19-20", 0.0, stats)
+    assert rows["ts"].is_monotonic_increasing and set(rows["vm"]) == {"bb-0019", "bb-0020"}
+    assert stats.vms == 2 and stats.rows_read == len(rows) + stats.dropped["duplicate timestamp"]

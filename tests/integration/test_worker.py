@@ -1,0 +1,124 @@
+"""The streaming worker end to end: real traces in, scores in Redis, recovery without gaps.
+
+Each test runs real ``zhuge worker`` processes against the real broker and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from app.settings import Settings
+from app.topics import ensure_topics
+from app.worker_process import WorkerProcess
+from tests.integration.worker_support import (
+    assert_same_windows,
+    assert_valid_score,
+    bitbrains_messages,
+    newest_ts,
+    produce,
+    reference_windows,
+    snapshot_windows,
+    wait_for_scores,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+VMS = "1-12"
+ROWS_PER_VM = 400  # the last ~33 hours of each VM: more than one 24 h window
+
+
+@pytest.fixture
+def worker_settings(unique_topics: Settings, tmp_path: Path) -> Settings:
+    settings = unique_topics.replace(
+        topic_partitions=4,
+        redis_prefix=f"t{unique_topics.consumer_group[-8:]}:",
+        snapshot_dir=str(tmp_path / "snapshots"),
+        snapshot_every_s=1.0,
+        batch_within_s=0.2,
+        batch_max=500,
+    )
+    asyncio.run(ensure_topics(settings, [settings.topic_metrics, settings.topic_dlq, settings.topic_scores], partitions=4))
+    return settings
+
+
+def _wait_processed(worker: WorkerProcess, samples: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while worker.counter("zhuge_samples_in_total") < samples:
+        assert time.monotonic() < deadline, f"worker stuck below {samples} samples:\n{worker.tail()}"
+        time.sleep(0.2)
+
+
+def test_replayed_traces_end_with_a_score_per_vm_at_its_newest_sample(worker_settings: Settings, tmp_path: Path) -> None:
+    messages = bitbrains_messages(VMS, ROWS_PER_VM)
+    worker = WorkerProcess.start(worker_settings, tmp_path / "worker.log", ready_timeout=120)
+    try:
+        asyncio.run(produce(worker_settings, messages))
+        sent = time.monotonic()
+        hashes = wait_for_scores(worker_settings, newest_ts(messages), timeout_s=60)
+        assert time.monotonic() - sent < 60
+        for h in hashes.values():
+            assert_valid_score(h)
+    finally:
+        assert worker.stop() == 0, worker.tail()
+    assert_same_windows(snapshot_windows(worker_settings), reference_windows(worker_settings, messages))
+
+
+@pytest.mark.parametrize(
+    "snapshot_every_s, recovery",
+    [(1.0, "snapshot newer than the committed offset: re-delivered records skipped"),
+     (6.0, "snapshot older than the committed offset: the gap replayed from Kafka")],
+    ids=["skip-redelivered", "replay-gap"],
+)
+def test_kill_9_mid_replay_then_restart_leaves_no_gap(
+    worker_settings: Settings, tmp_path: Path, snapshot_every_s: float, recovery: str
+) -> None:
+    settings = worker_settings.replace(snapshot_every_s=snapshot_every_s)
+    messages = bitbrains_messages(VMS, ROWS_PER_VM)
+    half = len(messages) // 2
+    first = WorkerProcess.start(settings, tmp_path / "first.log", ready_timeout=120)
+    asyncio.run(produce(settings, messages[:half]))
+    _wait_processed(first, half)
+    time.sleep(snapshot_every_s + 0.5)
+    asyncio.run(produce(settings, messages[half : half + 50]))  # this batch triggers a snapshot
+    _wait_processed(first, half + 50)
+    asyncio.run(produce(settings, messages[half + 50 : half + 550]))  # processed and committed after it
+    _wait_processed(first, half + 550)
+    time.sleep(2.5)  # offsets are committed every second
+    first.kill9()
+
+    asyncio.run(produce(settings, messages[half + 550 :]))
+    second = WorkerProcess.start(settings, tmp_path / "second.log", ready_timeout=120)
+    try:
+        hashes = wait_for_scores(settings, newest_ts(messages), timeout_s=60)
+        for h in hashes.values():
+            assert_valid_score(h)
+        if snapshot_every_s > 2:
+            assert second.counter("zhuge_recovery_replayed_records_total") > 0, recovery
+    finally:
+        assert second.stop() == 0, second.tail()
+    assert_same_windows(snapshot_windows(settings), reference_windows(settings, messages))
+
+
+def test_two_workers_share_partitions_and_a_rebalance_leaves_no_gap(worker_settings: Settings, tmp_path: Path) -> None:
+    messages = bitbrains_messages(VMS, ROWS_PER_VM)
+    third = len(messages) // 3
+    a = WorkerProcess.start(worker_settings, tmp_path / "a.log", ready_timeout=120)
+    b = None
+    try:
+        asyncio.run(produce(worker_settings, messages[:third]))
+        _wait_processed(a, third)
+        b = WorkerProcess.start(worker_settings, tmp_path / "b.log", ready_timeout=120)
+        asyncio.run(produce(worker_settings, messages[third:]))
+        hashes = wait_for_scores(worker_settings, newest_ts(messages), timeout_s=90)
+        for h in hashes.values():
+            assert_valid_score(h)
+        assert b.counter("zhuge_samples_in_total") > 0, "the second worker got no partition"
+    finally:
+        if b is not None:
+            assert b.stop() == 0, b.tail()
+        assert a.stop() == 0, a.tail()
+    assert_same_windows(snapshot_windows(worker_settings), reference_windows(worker_settings, messages))

@@ -1,0 +1,127 @@
+"""Markdown report (plus PNG plots when matplotlib is installed) of one backtest.
+
+matplotlib is the optional extra ``report``; without it the report is tables only
+and says so, rather than failing the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.evaluate import BacktestResult, quality_ok
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def summary_tables(summary: dict[str, Any]) -> str:
+    """The headline tables as markdown (also used in the README)."""
+    methods = list(next(iter(summary["mae"].values())).keys())
+    lines = ["| horizon | " + " | ".join(f"MAE {m}" for m in methods) + " | MASE model | MASE seasonal |"]
+    lines.append("| --- " * (len(methods) + 3) + "|")
+    for b, row in summary["mae"].items():
+        ms = summary["mase"][b]
+        lines.append(
+            f"| {b} | " + " | ".join(_fmt(row[m]) for m in methods) + f" | {_fmt(ms['model'])} | {_fmt(ms['seasonal'])} |"
+        )
+    reg = summary["regret_ms"]
+    p95 = summary["regret_ms_p95"]
+    lines += [
+        "",
+        f"q90 coverage (cpu_pct): {_fmt(summary['coverage_q90'])}; by target: "
+        + ", ".join(f"{t} {_fmt(v)}" for t, v in summary["coverage_q90_by_target"].items()),
+        "",
+        "| window regret (ms) | mean | p95 |",
+        "| --- | --- | --- |",
+        *[f"| {k} | {_fmt(reg[k])} | {_fmt(p95[k])} |" for k in reg],
+    ]
+    return "\n".join(lines)
+
+
+def write_report(result: BacktestResult, out_dir: str | Path, title: str) -> Path:
+    """Write ``report.md``, ``summary.json`` and plots into ``out_dir``; returns the report path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = result.summary
+    (out / "summary.json").write_text(json.dumps(s, indent=1, sort_keys=True))
+    bar = quality_ok(s)
+    md = [
+        f"# {title}",
+        "",
+        f"{s['n_vms']} VMs, {s['n_origins']} (VM, origin) pairs after the split, "
+        f"{s.get('train_rows', 0)} training rows, {s.get('elapsed_s', 0)} s.",
+        "Horizon buckets: grid horizons in (0,1h], (1h,6h], (6h,24h]; MAE on cpu_pct.",
+        "",
+        summary_tables(s),
+        "",
+        "Quality bar: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in bar.items()),
+        "",
+    ]
+    plots = _plots(result, out)
+    if plots:
+        md += [f"![{name}]({name})" for name in plots]
+    else:
+        md.append("(plots need the optional extra `report`: `pip install zhuge[report]`)")
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def _plots(result: BacktestResult, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names: list[str] = []
+    if result.examples:
+        fig, axes = plt.subplots(len(result.examples), 1, figsize=(9, 2.6 * len(result.examples)), squeeze=False)
+        for ax, ex in zip(axes[:, 0], result.examples):
+            S = ex["history"].size
+            ax.plot(np.arange(-S + 1, 1), ex["history"], color="0.5", lw=0.8, label="history")
+            ax.plot(np.arange(1, ex["future"].size + 1), ex["future"], color="k", lw=0.8, label="actual")
+            ax.plot(ex["horizons"], ex["q50"], "o-", color="C0", ms=3, label="model q50")
+            ax.plot(ex["horizons"], ex["q90"], "--", color="C0", lw=0.8, label="model q90")
+            ax.plot(ex["horizons"], ex["seasonal"], ".", color="C3", label="seasonal")
+            ax.set_title(ex["vm"], fontsize=9)
+            ax.set_ylabel("cpu %")
+        axes[0, 0].legend(fontsize=7, ncol=5)
+        axes[-1, 0].set_xlabel("slots from origin (5 min)")
+        fig.tight_layout()
+        fig.savefig(out / "forecasts.png", dpi=90)
+        plt.close(fig)
+        names.append("forecasts.png")
+    if result.abs_err_by_h:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for m, e in result.abs_err_by_h.items():
+            ax.plot(result.horizons_h, e, "o-", ms=3, label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("horizon (h)")
+        ax.set_ylabel("MAE cpu %")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "error_by_horizon.png", dpi=90)
+        plt.close(fig)
+        names.append("error_by_horizon.png")
+    if result.regret:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        data = [np.asarray(v) for v in result.regret.values()]
+        hi = max((float(np.quantile(d, 0.99)) for d in data if d.size), default=1.0) or 1.0
+        for (m, d) in zip(result.regret, data):
+            if d.size:
+                ax.hist(np.clip(d, 0, hi), bins=40, histtype="step", label=f"{m} (mean {d.mean():.2f} ms)")
+        ax.set_yscale("log")
+        ax.set_xlabel("regret per origin (ms), clipped at p99")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "regret.png", dpi=90)
+        plt.close(fig)
+        names.append("regret.png")
+    return names

@@ -1,0 +1,289 @@
+"""One retrain run on Dask: history -> grids -> examples (on workers) -> xgboost.dask -> gate -> publish.
+
+The cluster: ``--scheduler ADDRESS`` (an existing one), else ``LocalCUDACluster``
+when a GPU is present (``dask_cuda`` imported only then), else a ``LocalCluster``
+of processes. Grids and examples are built on the workers, one task per VM group;
+the booster is trained with ``xgboost.dask`` through ``training.fit.fit_forecaster``.
+
+Gate: the most recent day is held out; the challenger is fitted on labels before it
+and is published only when its held-out pinball loss beats the model at ``LATEST``
+(or the store is empty, or the champion cannot be loaded/used). The loss is the mean
+over targets and quantiles of the pinball loss divided by the target's mean |y|, so
+cpu % and MB/s weigh alike. Workers are then told through ``app.model_watch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from training.dataset import Panel, SlotGrid, panel_examples, panel_from_grids, sample_origins
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    n_workers: int = 2
+    scheduler: str | None = None
+    origin_every: int = 6
+    max_rows: int = 400_000
+    n_estimators: int = 300
+    max_depth: int = 6
+    learning_rate: float = 0.08
+    holdout_slots: int = 288
+    vm_groups: int = 8
+    default_mem_mb: float = 4096.0
+    seed: int = 0
+
+
+@dataclass
+class RetrainResult:
+    published: bool
+    version: str | None
+    reason: str
+    challenger_loss: float
+    champion_loss: float | None
+    champion: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+    rows: int = 0
+    n_vms: int = 0
+
+
+def open_client(cfg: RetrainConfig, device: str = "auto") -> tuple[Any, Any]:
+    """``(client, cluster)``; cluster is None for an external scheduler."""
+    from distributed import Client
+
+    if cfg.scheduler:
+        return Client(cfg.scheduler), None
+    from gpu_kernels.xp import resolve_device
+
+    if resolve_device(device) == "gpu":
+        from dask_cuda import LocalCUDACluster
+
+        cluster = LocalCUDACluster()
+    else:
+        from distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=cfg.n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+# --- sources ------------------------------------------------------------------------
+
+
+def _trace_group(fmt: str, path: str, spec: str | None, slot_s: int) -> list[SlotGrid]:
+    from training.dataset import grids_from_trace
+
+    return grids_from_trace(fmt, path, spec, slot_s)
+
+
+def load_grids(
+    client: Any, slot_s: int, *, history: str | None = None, fmt: str | None = None, path: str | None = None,
+    vms: str | None = None, groups: int = 8,
+) -> list[SlotGrid]:  # fmt: skip
+    """Slot grids built on the workers, from the Parquet archive or a trace directory."""
+    if history is not None:
+        from training.dataset import grid_tasks_from_history
+
+        tasks = grid_tasks_from_history(history, slot_s, groups)
+        parts = client.gather(client.compute(tasks))
+    else:
+        if fmt is None or path is None:
+            raise ValueError("give a history URL or both a trace format and path")
+        specs: list[str | None] = [vms]
+        if fmt == "bitbrains" and vms is None:  # one file per VM: split the files into groups
+            from pathlib import Path
+
+            from sim.traces import bitbrains_files
+
+            nums = [n for n, _ in bitbrains_files(Path(path))]
+            specs = [",".join(map(str, g)) for g in np.array_split(np.asarray(nums), max(1, groups)) if len(g)]
+        futs = client.map(_trace_group, [fmt] * len(specs), [path] * len(specs), specs, [slot_s] * len(specs), pure=False)
+        parts = client.gather(futs)
+    grids = [g for part in parts for g in part]
+    if not grids:
+        raise ValueError("no VM with usable samples in the source")
+    return sorted(grids, key=lambda g: g.vm)
+
+
+def _examples(panel: Panel, origins: np.ndarray, horizons: np.ndarray, S: int, slot_s: int, end: int,
+              max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    X, Y = panel_examples(panel, origins, horizons, S, slot_s, end=end)
+    if X.shape[0] > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(X.shape[0], max_rows, replace=False))
+        X, Y = X[keep], Y[keep]
+    return X, Y
+
+
+def distributed_examples(client: Any, panel: Panel, settings: Any, cfg: RetrainConfig, end: int) -> tuple[Any, Any, int]:
+    """Training (X, Y) as Dask arrays whose blocks were built on the workers (one per VM group)."""
+    import dask
+    import dask.array as da
+
+    from gpu_kernels.features import FEATURE_NAMES, TARGETS
+    from training.model import default_horizons
+
+    S, slot_s = settings.window_slots, settings.slot_s
+    horizons = default_horizons(settings.horizon_slots)
+    origins = sample_origins(end, S // 2, end - 1, cfg.origin_every, np.random.default_rng(cfg.seed))
+    groups = [g for g in np.array_split(np.arange(len(panel.vms)), max(1, cfg.vm_groups)) if len(g)]
+    per = max(1, cfg.max_rows // len(groups))
+    futs = [
+        client.submit(_examples, client.scatter(panel.subset(g)), origins, horizons, S, slot_s, end, per, cfg.seed + i,
+                      pure=False)  # fmt: skip
+        for i, g in enumerate(groups)
+    ]
+    sizes = client.gather([client.submit(lambda r: r[0].shape[0], f, pure=False) for f in futs])
+    xs = [da.from_delayed(dask.delayed(operator.getitem)(f, 0), (n, len(FEATURE_NAMES)), np.float32) for f, n in zip(futs, sizes) if n]
+    ys = [da.from_delayed(dask.delayed(operator.getitem)(f, 1), (n, len(TARGETS)), np.float32) for f, n in zip(futs, sizes) if n]
+    if not xs:
+        raise ValueError("no training example: the history is shorter than one window plus the held-out day")
+    return da.concatenate(xs), da.concatenate(ys), int(sum(sizes))
+
+
+# --- gate ---------------------------------------------------------------------------
+
+
+def holdout_loss(model: Any, X: np.ndarray, Y: np.ndarray) -> float:
+    """Mean over targets and quantiles of pinball loss / mean |y| (scale-free, lower is better)."""
+    pred = np.asarray(model.predict(X), dtype=np.float64)  # (n, T, Q)
+    losses = []
+    for j in range(Y.shape[1]):
+        y = Y[:, j].astype(np.float64)
+        ok = np.isfinite(y)
+        if not ok.any():
+            continue
+        norm = max(float(np.mean(np.abs(y[ok]))), 1e-6)
+        for k, q in enumerate(model.quantiles):
+            d = y[ok] - pred[ok, j, k]
+            losses.append(float(np.mean(np.maximum(q * d, (q - 1) * d))) / norm)
+    return float(np.mean(losses)) if losses else float("inf")
+
+
+def holdout_examples(panel: Panel, settings: Any, cfg: RetrainConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """(X, Y) from origins inside the held-out last day (so every label lies in it); returns the cut too.
+
+    The challenger is fitted on labels before the cut only; the windows of these
+    examples do reach into the held-out day, exactly as serving would.
+    """
+    from training.model import default_horizons
+
+    T = panel.n_slots
+    cut = T - cfg.holdout_slots
+    if cut <= settings.window_slots // 2 + 1:
+        raise ValueError(
+            f"history holds {T} slots: needs more than {cfg.holdout_slots + settings.window_slots // 2 + 1} "
+            "(half a window to train on plus the held-out day)"
+        )
+    origins = np.arange(cut - 1, T - 1, 12)
+    X, Y = panel_examples(panel, origins, default_horizons(settings.horizon_slots), settings.window_slots, settings.slot_s)
+    return X, Y, cut
+
+
+# --- the run ------------------------------------------------------------------------
+
+
+def retrain_once(
+    settings: Any, client: Any, cfg: RetrainConfig, *, history: str | None = None, fmt: str | None = None,
+    path: str | None = None, vms: str | None = None, progress: Progress = lambda p, f: None,
+) -> RetrainResult:  # fmt: skip
+    """One retrain: build, fit, gate, publish, notify."""
+    from training.fit import fit_forecaster
+    from training.model import ForecastModel, ModelRejected, default_horizons
+    from training.store import ModelStore
+
+    t: dict[str, float] = {}
+    tic = time.perf_counter()
+    progress("grids", 0.0)
+    grids = load_grids(client, settings.slot_s, history=history, fmt=fmt, path=path, vms=vms, groups=cfg.vm_groups)
+    panel = panel_from_grids(grids, cfg.default_mem_mb)
+    t["grids_s"] = time.perf_counter() - tic
+    progress("examples", 0.25)
+    Xh, Yh, cut = holdout_examples(panel, settings, cfg)
+    tic = time.perf_counter()
+    X, Y, rows = distributed_examples(client, panel, settings, cfg, end=cut)
+    t["examples_s"] = time.perf_counter() - tic
+    progress("fit", 0.5)
+    tic = time.perf_counter()
+    boosters = fit_forecaster(
+        X, Y, n_estimators=cfg.n_estimators, max_depth=cfg.max_depth, learning_rate=cfg.learning_rate,
+        device="gpu" if _cluster_has_gpu(client) else "cpu", dask_client=client,
+    )  # fmt: skip
+    t["fit_s"] = time.perf_counter() - tic
+    first = panel.first_slot * settings.slot_s
+    challenger = ForecastModel(
+        version="challenger",
+        boosters=boosters,
+        horizons=default_horizons(settings.horizon_slots),
+        slot_s=settings.slot_s,
+        training_range=(int(first), int(first + (cut - 1) * settings.slot_s)),
+        metrics={"rows": float(rows), "fit_s": round(t["fit_s"], 3)},
+    )
+    progress("gate", 0.85)
+    tic = time.perf_counter()
+    c_loss = holdout_loss(challenger, Xh, Yh)
+    challenger.metrics["holdout_loss"] = c_loss
+    store = ModelStore(settings.model_store)
+    champ_version = store.latest_version()
+    champ_loss: float | None = None
+    if champ_version is None:
+        publish, reason = True, "store empty"
+    else:
+        try:
+            champ = store.load(champ_version, slot_s=settings.slot_s)
+            champ_loss = holdout_loss(champ, Xh, Yh)
+            publish = c_loss < champ_loss
+            reason = "challenger better" if publish else "champion kept (challenger not better)"
+        except (ModelRejected, ValueError) as exc:
+            publish, reason = True, f"champion unusable ({exc})"
+    t["gate_s"] = time.perf_counter() - tic
+    version = None
+    if publish:
+        version = store.publish(challenger)
+        _notify(settings, version)
+    progress("done", 1.0)
+    return RetrainResult(publish, version, reason, c_loss, champ_loss, champ_version, t, rows, len(panel.vms))
+
+
+def _cluster_has_gpu(client: Any) -> bool:
+    try:
+        info = client.scheduler_info()
+        return any("gpu" in (w.get("resources") or {}) or w.get("gpu") for w in info.get("workers", {}).values())
+    except Exception:  # noqa: BLE001 - a best-effort probe
+        return False
+
+
+def _notify(settings: Any, version: str) -> None:
+    try:
+        from app.model_watch import notify_new_version
+    except ImportError:
+        return
+    try:
+        n = notify_new_version(settings, version)
+        log.info("announced model %s to %d listener(s)", version, n)
+    except Exception as exc:  # noqa: BLE001 - Redis down must not undo a publication
+        log.warning("published %s but could not notify workers through Redis: %s (they poll the store)", version, exc)
+
+
+def parse_every(text: str) -> float:
+    """``"6h"``, ``"30m"``, ``"90s"``, ``"1d"`` -> seconds."""
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"bad interval {text!r}: use e.g. 6h, 30m, 90s") from exc
+    if value <= 0:
+        raise ValueError("the interval must be positive")
+    return value
