@@ -54,6 +54,7 @@ class WorkerRuntime:
     history: Any
     redis: Any
     metrics_server: Any = None
+    correction: Any = None  # streams.migrations.DowntimeCorrection, shared through Redis
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -75,6 +76,9 @@ def create_app(settings: Settings) -> faust.App:
         loghandlers=[],
     )
     topic = app.topic(settings.topic_metrics, key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw")
+    migrations = app.topic(
+        settings.topic_migrations, key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"
+    )
     runtime: dict[str, WorkerRuntime] = {}
     ready = asyncio.Event()
 
@@ -111,6 +115,30 @@ def create_app(settings: Settings) -> faust.App:
             for e in events:
                 await stream.ack(e)
             _observe_lag(app, settings.topic_metrics, records, rt.metrics)
+
+    @app.agent(migrations, name="learn-migrations")
+    async def learn_migrations(stream: faust.StreamT) -> None:
+        from streams.dlq import dlq_records
+        from streams.migrations import handle_migrations
+
+        await ready.wait()
+        async for events in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
+            rt = runtime["rt"]
+            values, keys = [e.message.value for e in events], [e.message.key for e in events]
+            rejected = await rt.pipeline.retry("migrations", lambda: handle_migrations(
+                values, keys, correction=rt.correction, redis_client=rt.redis, prefix=settings.redis_prefix))
+            source = ("topic", settings.topic_migrations.encode())
+            sent = [await rt.producer.send(settings.topic_dlq, value=v, key=k, headers=[*h, source])
+                    for k, v, h in dlq_records(rejected)]
+            await asyncio.gather(*sent)
+            for e in events:
+                await stream.ack(e)
+
+    @app.timer(interval=settings.model_check_s)
+    async def _refresh_correction() -> None:
+        rt = runtime.get("rt")
+        if rt is not None:  # other workers' migrations reach this one's scorer
+            await rt.correction.load(rt.redis, settings.redis_prefix)
 
     @app.timer(interval=max(1.0, settings.batch_within_s * 4))
     async def _flush_due() -> None:
@@ -151,6 +179,7 @@ def _maybe_reload(rt: WorkerRuntime) -> None:
 async def _start_runtime(settings: Settings) -> WorkerRuntime:
     from app.model_watch import ModelWatcher
     from app.topics import ensure_topics
+    from streams.migrations import DowntimeCorrection
     from streams.scorer import Scorer
     from streams.sinks.history import HistorySink
     from streams.sinks.redis_sink import RedisSink
@@ -161,7 +190,9 @@ async def _start_runtime(settings: Settings) -> WorkerRuntime:
     xp = get_xp(device)
     metrics = WorkerMetrics(device=device, engine=_engine_name(device))
     server = start_http_server(settings.metrics_port, metrics.registry) if settings.metrics_port > 0 else None
-    await ensure_topics(settings, [settings.topic_metrics, settings.topic_dlq, settings.topic_scores])
+    await ensure_topics(
+        settings, [settings.topic_metrics, settings.topic_dlq, settings.topic_scores, settings.topic_migrations]
+    )
 
     store = ModelStore(settings.model_store)
     if store.latest_version() is None:
@@ -179,7 +210,9 @@ async def _start_runtime(settings: Settings) -> WorkerRuntime:
     producer = AIOKafkaProducer(**settings.aiokafka_kwargs(), linger_ms=5, max_batch_size=1 << 20)
     await producer.start()
     history = HistorySink(settings.history_url)
-    scorer = Scorer(settings, watcher.current, xp)
+    correction = DowntimeCorrection()
+    await correction.load(redis, settings.redis_prefix)  # absent: factor 1 until migrations are observed
+    scorer = Scorer(settings, watcher.current, xp, correction=correction)
     pipeline = Pipeline(
         settings,
         scorer=scorer,
@@ -189,7 +222,7 @@ async def _start_runtime(settings: Settings) -> WorkerRuntime:
         metrics=metrics,
         xp=xp,
     )
-    return WorkerRuntime(pipeline, producer, metrics, watcher, history, redis, server)
+    return WorkerRuntime(pipeline, producer, metrics, watcher, history, redis, server, correction)
 
 
 def _engine_name(device: str) -> str:

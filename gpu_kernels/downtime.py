@@ -153,12 +153,14 @@ def dirty_rate_proxy(cpu_pct: Any, vcpus: Any, mem_used_mb: Any, disk_write_kbps
     return (xp.minimum(cpu_term, cap) + disk).astype(xp.float32)
 
 
-def max_converging_dirty(mem_mb: Any, bw_mbps: Any, target_ms: float, max_rounds: int, xp: Any = None) -> Any:
+def max_converging_dirty(mem_mb: Any, bw_mbps: Any, target_ms: Any, max_rounds: int, xp: Any = None) -> Any:
     """The largest dirty rate (MB/s) for which pre-copy converges under the target.
 
     Convergence is monotone in the dirty rate: it needs lambda < 1 and
     lambda**n <= target * B / M for some n <= max_rounds, i.e.
     lambda <= min(1, target * B / M) ** (1 / max_rounds).
+    ``target_ms`` is a scalar or an array broadcasting against ``bw_mbps`` (a
+    per-VM target, e.g. the target divided by a learned downtime correction).
     """
     xp = xp or module_of(mem_mb)
     m = xp.asarray(mem_mb, dtype=xp.float64)
@@ -174,7 +176,7 @@ def p_ok(
     dirty_q90: Any,
     mem_mb: Any,
     bw_mbps: Any,
-    target_ms: float = 300.0,
+    target_ms: Any = 300.0,
     max_rounds: int = 30,
     xp: Any = None,
 ) -> Any:
@@ -187,6 +189,7 @@ def p_ok(
     :func:`max_converging_dirty`), P(ok) = P(D <= D*) = Phi((ln D* - mu) / sigma)
     with D* the largest converging rate. ``q90 <= q50`` means no spread: a step.
     A median of 0 means the guest is idle: ok whenever D* > 0.
+    ``target_ms`` may be per VM (an array broadcasting against ``bw_mbps``).
     """
     xp = xp or module_of(dirty_q50)
     q50 = xp.maximum(xp.asarray(dirty_q50, dtype=xp.float64), 0)

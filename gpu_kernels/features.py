@@ -75,6 +75,7 @@ def _spec() -> dict[str, Any]:
         "quantiles": list(QUANTILES),
         "spans_s": list(SPANS_S),
         "transforms": {t: ("log1p" if t in LOG1P_TARGETS else "identity") for t in TARGETS},
+        "label": "booster learns transform(y) - <target>_last (NaN -> 0), see training.fit.label_offset",
         "yday": "value at target slot - 1 day; mean of 1 h centred on it",
         "lastweek": "value at target slot - 7 days",
         "time": "target slot tod sin/cos, dow Monday=0 (UTC)",

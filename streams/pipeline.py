@@ -247,10 +247,10 @@ class Pipeline:
         for batch in scores:
             for key, value in score_records(batch):
                 futures.append(await self.producer.send(s.topic_scores, value=value, key=key))
-            written = await self._retry("redis", lambda b=batch: self.redis_sink.write_counts(b))
+            written = await self.retry("redis", lambda b=batch: self.redis_sink.write_counts(b))
             result.stale += written.skipped
         if futures:
-            await self._retry("kafka", lambda: asyncio.gather(*futures))
+            await self.retry("kafka", lambda: asyncio.gather(*futures))
         if self.history is not None:
             flush_due = [self.history.write(d) for d in decoded.values() if len(d.vm)]
             if any(flush_due):
@@ -259,7 +259,7 @@ class Pipeline:
                 except Exception as exc:  # the archive is best effort: rows stay buffered for the next flush
                     log.warning("history flush failed (%s); rows kept for the next try", exc)
 
-    async def _retry(self, what: str, attempt: Callable[[], Any]) -> Any:
+    async def retry(self, what: str, attempt: Callable[[], Any]) -> Any:
         """Retry a sink write with capped exponential back-off until it succeeds."""
         delay = 0.1
         while True:

@@ -11,6 +11,13 @@ One micro-batch step, on whichever device the store lives (NumPy or CuPy):
    the best window is the earliest lowest (``gpu_kernels.window``);
 4. ``p_ok`` from the two dirty-rate quantiles, the worst slot the best window
    covers; ``now_downtime_ms`` is the first slot's downtime.
+Optional correction learned from observed migrations (``streams.migrations``):
+each VM's downtime per slot is multiplied by its factor f before the window
+search, and ``p_ok`` asks whether the *corrected* pause fits the target, i.e.
+whether the model's pause fits ``target / f`` (the convergence margin shrinks
+when the model under-predicts). Durations are left uncorrected (the pause is a
+small part of a migration). Without a correction, or with all factors 1, the
+results are bit-identical to the uncorrected path.
 Memory M is the newest observed ``mem_used_mb`` (QEMU skips zero pages, so
 used memory drives round 0), falling back to ``mem_total_mb``.
 """
@@ -71,8 +78,13 @@ def score_windows(
     xp: Any,
     device: str,
     tol_ms: float = 1.0,
+    downtime_factor: Any = None,
 ) -> dict[str, np.ndarray]:
-    """The scoring kernel for one chunk of VMs; returns host (NumPy) columns."""
+    """The scoring kernel for one chunk of VMs; returns host (NumPy) columns.
+
+    ``downtime_factor``: optional per-VM ``(k,)`` multiplicative correction of
+    predicted downtime (None: uncorrected).
+    """
     k = win.shape[0]
     last_slot = xp.asarray(attrs["last_slot"], dtype=xp.int64)
     feat_attrs = {name: xp.asarray(attrs[name], dtype=xp.float32) for name in ("mem_total_mb", "vcpus")}
@@ -96,7 +108,12 @@ def score_windows(
     pc = precopy_with(params, mem, dirty90, bw, xp)
     dur_slots = xp.ceil(xp.nan_to_num(pc.duration_s, nan=slot_s) / slot_s)
     dur_slots = xp.clip(dur_slots, 1, horizon_slots).astype(xp.int64)
-    start, value = best_window(pc.downtime_ms, dur_slots, tol_ms, xp)
+    downtime, target_ms = pc.downtime_ms, params.downtime_target_ms
+    if downtime_factor is not None:
+        f = xp.asarray(downtime_factor, dtype=xp.float64).reshape(k, 1)
+        downtime = downtime * f.astype(xp.float32)
+        target_ms = params.downtime_target_ms / f  # float64: a factor of 1 gives the target exactly
+    start, value = best_window(downtime, dur_slots, tol_ms, xp)
 
     # p_ok only on the slots the best window covers (worst of them), not on all T slots
     pick = start[:, None]
@@ -108,7 +125,7 @@ def score_windows(
     def at(a: Any) -> Any:
         return xp.take_along_axis(a, cover, axis=1)
 
-    p = p_ok(at(dirty50), at(dirty90), mem, at(bw), params.downtime_target_ms, params.max_rounds, xp)
+    p = p_ok(at(dirty50), at(dirty90), mem, at(bw), target_ms, params.max_rounds, xp)
     p_best = xp.where(inside, xp.nan_to_num(p, nan=0.0), 1).min(axis=1)
     best_start = (last_slot + 1 + start).astype(xp.float64) * slot_s
     best_end = best_start + xp.take_along_axis(pc.duration_s, pick, axis=1)[:, 0].astype(xp.float64)
@@ -116,13 +133,18 @@ def score_windows(
         "best_start": to_numpy(best_start),
         "best_end": to_numpy(best_end),
         "best_downtime_ms": to_numpy(value.astype(xp.float32)),
-        "now_downtime_ms": to_numpy(pc.downtime_ms[:, 0].astype(xp.float32)),
+        "now_downtime_ms": to_numpy(downtime[:, 0].astype(xp.float32)),
         "p_ok": to_numpy(p_best.astype(xp.float32)),
     }
 
 
 class Scorer:
-    """Scores window-store rows with the current model (``model_provider()``, hot-swappable)."""
+    """Scores window-store rows with the current model (``model_provider()``, hot-swappable).
+
+    ``correction``: optional object with ``factor(hosts) -> np.ndarray`` (one
+    factor per VM, e.g. ``streams.migrations.DowntimeCorrection``), read once
+    per chunk so a concurrent update never splits a chunk.
+    """
 
     def __init__(
         self,
@@ -131,6 +153,7 @@ class Scorer:
         xp: Any = np,
         chunk_vms: int = 32768,
         tol_ms: float = 1.0,
+        correction: Any = None,
     ) -> None:
         self.settings = settings
         self.model_provider = model_provider
@@ -139,6 +162,14 @@ class Scorer:
         self.params = PrecopyParams.from_settings(settings)
         self.chunk_vms = int(chunk_vms)
         self.tol_ms = float(tol_ms)
+        self.correction = correction
+
+    def _factor(self, hosts: list[str]) -> np.ndarray | None:
+        """Per-VM downtime factor, or None when there is nothing to correct (keeps results bit-identical)."""
+        if self.correction is None:
+            return None
+        f = np.asarray(self.correction.factor(hosts), dtype=np.float64)
+        return None if np.all(f == 1.0) else f
 
     def due_rows(self, store: Any, rows: Any, now: float) -> np.ndarray:
         """Rows due for scoring: newest slot changed since last scored, or ``rescore_s`` elapsed."""
@@ -162,7 +193,7 @@ class Scorer:
             others = store.host_traffic_mbps(chunk, exclude_self=True)
             out = score_windows(
                 win, attrs, self.xp.asarray(others), model, self.params, s.horizon_slots, s.slot_s,
-                self.xp, self.device, self.tol_ms,
+                self.xp, self.device, self.tol_ms, self._factor(attrs["host"]),
             )  # fmt: skip
             for name, a in out.items():
                 cols.setdefault(name, []).append(a)

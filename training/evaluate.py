@@ -46,10 +46,10 @@ class BacktestConfig:
     train_frac: float = 0.65
     test_origin_every: int = 72  # 6 h of 5-min slots
     train_origin_every: int = 6  # 30 min
-    max_train_rows: int = 400_000
-    n_estimators: int = 300
+    max_train_rows: int = 200_000
+    n_estimators: int = 150
     max_depth: int = 6
-    learning_rate: float = 0.08
+    learning_rate: float = 0.1
     default_mem_mb: float = 4096.0
     seed: int = 0
     nthread: int | None = None

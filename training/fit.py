@@ -14,6 +14,8 @@ import numpy as np
 
 from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, QUANTILES, TARGETS, array_module
 
+_SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
+
 
 def to_label(y: Any, target: str) -> Any:
     """Raw target values -> the scale the booster learns (log1p for rates, clipped at 0)."""
@@ -21,9 +23,21 @@ def to_label(y: Any, target: str) -> Any:
     return xp.log1p(xp.maximum(y, 0)) if target in LOG1P_TARGETS else y
 
 
-def from_label(q: Any, target: str) -> Any:
-    """Booster output ``(n, len(QUANTILES))`` -> raw scale, non-negative, quantiles non-decreasing."""
+def label_offset(X: Any, target: str) -> Any:
+    """The booster learns ``to_label(y) - offset``: the target's newest observed value (feature
+    ``<target>_last``, already on the label scale; NaN -> 0). Trees approximate an identity
+    poorly, so learning the change from persistence, not the level, is what lets the model
+    beat the last-value baseline at short horizons (see README "Evaluation and retraining")."""
+    col = X[:, FEATURE_NAMES.index(f"{_SHORT[target]}_last")]
+    xp = array_module(col)
+    return xp.where(xp.isnan(col), 0, col)
+
+
+def from_label(q: Any, target: str, offset: Any = None) -> Any:
+    """Booster output ``(n, len(QUANTILES))`` (+ ``label_offset``) -> raw scale, >= 0, quantiles non-decreasing."""
     xp = array_module(q)
+    if offset is not None:
+        q = q + offset[:, None]
     q = xp.expm1(q) if target in LOG1P_TARGETS else q
     q = xp.maximum(q, 0)
     # quantile crossing is possible between independently grown leaves: enforce the order
@@ -84,7 +98,10 @@ def fit_forecaster(
         if int(keep.sum()) == 0:
             raise ValueError(f"no known label for target {target!r}")
         dtrain = xgb.QuantileDMatrix(
-            X[keep], label=to_label(y[keep], target), feature_names=list(FEATURE_NAMES), max_bin=params["max_bin"]
+            X[keep],
+            label=to_label(y[keep], target) - label_offset(X[keep], target),
+            feature_names=list(FEATURE_NAMES),
+            max_bin=params["max_bin"],
         )
         boosters[target] = xgb.train(params, dtrain, num_boost_round=n_estimators)
     return boosters
@@ -99,7 +116,8 @@ def _fit_dask(xgb: Any, client: Any, X: Any, y: Any, target: str, params: dict[s
     if not isinstance(y, da.Array):
         y = da.from_array(y, chunks=(X.chunks[0],))
     keep = ~da.isnan(y)
-    Xk, yk = X[keep], to_label(y[keep], target)
+    Xk = X[keep]
+    yk = to_label(y[keep], target) - label_offset(Xk, target)
     Xk.compute_chunk_sizes()
     yk.compute_chunk_sizes()
     dtrain = dxgb.DaskQuantileDMatrix(
@@ -119,7 +137,8 @@ def predict_boosters(boosters: dict[str, Any], X: Any, device: str | None = None
     out = xp.empty((X.shape[0], len(TARGETS), len(QUANTILES)), dtype=xp.float32)
     for j, target in enumerate(TARGETS):
         raw = _raw_predict(boosters[target], X, device)
-        out[:, j, :] = from_label(xp.asarray(raw, dtype=xp.float32).reshape(X.shape[0], len(QUANTILES)), target)
+        raw = xp.asarray(raw, dtype=xp.float32).reshape(X.shape[0], len(QUANTILES))
+        out[:, j, :] = from_label(raw, target, label_offset(X, target))
     return out
 
 

@@ -34,10 +34,10 @@ class RetrainConfig:
     n_workers: int = 2
     scheduler: str | None = None
     origin_every: int = 6
-    max_rows: int = 400_000
-    n_estimators: int = 300
+    max_rows: int = 200_000
+    n_estimators: int = 150
     max_depth: int = 6
-    learning_rate: float = 0.08
+    learning_rate: float = 0.1
     holdout_slots: int = 288
     vm_groups: int = 8
     default_mem_mb: float = 4096.0

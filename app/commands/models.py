@@ -41,8 +41,8 @@ def register(cli: typer.Typer) -> None:
         out: Optional[str] = typer.Option(None, "--out", help="write a markdown report with plots into DIR"),
         train_frac: float = typer.Option(0.65, help="share of the time axis used for training"),
         origin_every_h: float = typer.Option(6.0, help="hours between test origins"),
-        max_train_rows: int = typer.Option(400_000, help="training rows (random subsample above this)"),
-        trees: int = typer.Option(300, help="boosting rounds"),
+        max_train_rows: int = typer.Option(200_000, help="training rows (random subsample above this)"),
+        trees: int = typer.Option(150, help="boosting rounds"),
     ) -> None:
         """Rolling-origin backtest of the forecaster vs naive baselines, with window regret."""
         from rich.console import Console
@@ -99,8 +99,8 @@ def register(cli: typer.Typer) -> None:
         every: Optional[str] = typer.Option(None, "--every", help="repeat every interval (6h, 30m); failures are logged"),
         scheduler: Optional[str] = typer.Option(None, "--scheduler", help="address of an existing Dask scheduler"),
         workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes"),
-        max_rows: int = typer.Option(400_000, help="training rows (random subsample above this)"),
-        trees: int = typer.Option(300, help="boosting rounds"),
+        max_rows: int = typer.Option(200_000, help="training rows (random subsample above this)"),
+        trees: int = typer.Option(150, help="boosting rounds"),
     ) -> None:
         """Build features on Dask workers, train with xgboost.dask, publish if better than LATEST."""
         from rich.console import Console

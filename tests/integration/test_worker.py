@@ -6,6 +6,8 @@ Each test runs real ``zhuge worker`` processes against the real broker and Redis
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tests.integration.worker_support import (
     produce,
     reference_windows,
     snapshot_windows,
+    wait_for_key,
     wait_for_scores,
 )
 
@@ -41,7 +44,8 @@ def worker_settings(unique_topics: Settings, tmp_path: Path) -> Settings:
         batch_within_s=0.2,
         batch_max=500,
     )
-    asyncio.run(ensure_topics(settings, [settings.topic_metrics, settings.topic_dlq, settings.topic_scores], partitions=4))
+    topics = [settings.topic_metrics, settings.topic_dlq, settings.topic_scores, settings.topic_migrations]
+    asyncio.run(ensure_topics(settings, topics, partitions=4))
     return settings
 
 
@@ -62,6 +66,18 @@ def test_replayed_traces_end_with_a_score_per_vm_at_its_newest_sample(worker_set
         assert time.monotonic() - sent < 60
         for h in hashes.values():
             assert_valid_score(h)
+        # observed migrations, each 3x slower than predicted, teach the shared correction
+        migrations = [
+            (vm.encode(), json.dumps({
+                "vm": vm, "start": float(h["last_ts"]) + 60, "end": float(h["last_ts"]) + 70,
+                "downtime_ms": 3 * float(h["now_downtime_ms"]),
+            }).encode())
+            for vm, h in hashes.items()
+        ]
+        asyncio.run(produce(worker_settings.replace(topic_metrics=worker_settings.topic_migrations), migrations))
+        state = wait_for_key(worker_settings, f"{worker_settings.redis_prefix}correction")
+        assert state["global"][2] == len(migrations)
+        assert abs(state["global"][0] - math.log(3)) < 1e-6
     finally:
         assert worker.stop() == 0, worker.tail()
     assert_same_windows(snapshot_windows(worker_settings), reference_windows(worker_settings, messages))

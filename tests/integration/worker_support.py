@@ -87,6 +87,19 @@ def wait_for_scores(settings: Settings, expected: dict[str, float], timeout_s: f
         client.close()
 
 
+def wait_for_key(settings: Settings, key: str, timeout_s: float = 30.0) -> dict:
+    """Wait for a JSON document at ``key`` in Redis and return it parsed."""
+    client = settings.redis_client(asyncio=False)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while (raw := client.get(key)) is None:
+            assert time.monotonic() < deadline, f"{key} not written within {timeout_s}s"
+            time.sleep(0.3)
+        return json.loads(raw)
+    finally:
+        client.close()
+
+
 def assert_valid_score(h: dict) -> None:
     for field in ("best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "p_ok", "model", "last_ts", "updated", "host"):
         assert field in h, f"missing {field} in {h}"

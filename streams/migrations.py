@@ -1,0 +1,485 @@
+"""Observed migrations (``vm.migrations``) -> a learned correction of predicted downtime.
+
+The pre-copy model is physics with guessed inputs (a dirty-rate proxy, a link
+share): it is biased per fleet and per host. Whoever drives migrations reports
+each outcome on ``vm.migrations``; comparing the observed pause with the
+downtime zhuge predicted for that VM gives a multiplicative error, and its
+exponentially weighted mean in log space (globally and per source host) is the
+factor the scorer multiplies predicted downtime by.
+
+Message contract (value: one JSON object or a JSON array of objects; key = VM id):
+``vm`` (str, required), ``start`` and ``end`` (epoch s, required, end >= start),
+``downtime_ms`` (observed pause, required, >= 0), ``bytes`` (transferred, >= 0),
+``rounds`` (pre-copy rounds, int >= 0), ``host_from`` / ``host_to`` (str),
+``link_mbps`` (> 0). Unknown fields are ignored, ``null`` counts as missing;
+anything invalid becomes a ``streams.schema.Rejected`` for the DLQ, with the
+same reason format as ``vm.metrics`` (``[2].downtime_ms: must be >= 0``).
+
+The shared state is one small JSON document in Redis (``<prefix>correction``),
+updated with an optimistic transaction (WATCH/MULTI) so every worker's batches
+add up, and reloaded periodically by every worker; no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+from msgspec import Meta
+
+from streams.schema import Limits, Rejected, _as_bytes, _join, _reason
+
+log = logging.getLogger(__name__)
+
+CORRECTION_KEY = "correction"  # Redis key: <prefix>correction
+STATE_VERSION = 1
+_Str = Annotated[str, Meta(max_length=256)]
+_NonNeg = Annotated[float, Meta(ge=0)]
+
+
+class Migration(msgspec.Struct):
+    """One observed live migration."""
+
+    vm: Annotated[str, Meta(min_length=1, max_length=256)]
+    start: float
+    end: float
+    downtime_ms: _NonNeg
+    transferred_bytes: _NonNeg | None = msgspec.field(default=None, name="bytes")
+    rounds: Annotated[int, Meta(ge=0)] | None = None
+    host_from: _Str | None = None
+    host_to: _Str | None = None
+    link_mbps: Annotated[float, Meta(gt=0)] | None = None
+
+
+@dataclass
+class MigrationBatch:
+    """Good migrations of a batch, columnar; absent numbers are NaN, absent hosts ""."""
+
+    vm: list[str]
+    host_from: list[str]
+    host_to: list[str]
+    start: np.ndarray  # float64 (n,)
+    end: np.ndarray
+    downtime_ms: np.ndarray
+    transferred_bytes: np.ndarray
+    rounds: np.ndarray  # float64 so that "absent" can be NaN
+    link_mbps: np.ndarray
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.vm)
+
+
+_decoder = msgspec.json.Decoder(Migration | list[Migration])
+_one_decoder = msgspec.json.Decoder(Migration)
+_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_NUM = ("start", "end", "downtime_ms", "transferred_bytes", "rounds", "link_mbps")
+
+
+def decode_migrations(
+    raws: Sequence[Any],
+    keys: Sequence[bytes | None] | None = None,
+    *,
+    now: float | None = None,
+    limits: Limits = Limits(),
+) -> MigrationBatch:
+    """Decode ``vm.migrations`` values into columns plus rejections; never raises.
+
+    Same rules as ``streams.schema.decode_messages``: an array keeps its good
+    objects and yields one ``Rejected`` (whole original bytes) naming the bad
+    indices; ``start``/``end`` must lie in ``[limits.min_ts, now + limits.max_future_s]``.
+    """
+    now = time.time() if now is None else now
+    keys = None if keys is None else list(keys)[: len(raws)] + [None] * max(0, len(raws) - len(keys))
+    got: list[Migration] = []
+    src: list[int] = []
+    pos: list[int] = []  # index inside the message's array, -1 for a single object
+    reasons: dict[int, list[str]] = {}
+    for i, raw in enumerate(raws):
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            reasons[i] = ["empty message (no value)" if raw is None else f"value is {type(raw).__name__}, not bytes"]
+        elif len(raw) > limits.max_bytes:
+            reasons[i] = [f"message too large: {len(raw)} bytes > {limits.max_bytes}"]
+        else:
+            _decode_one(raw, i, got, src, pos, reasons)
+    batch = _columns(got)
+    _check_ranges(batch, np.asarray(src, np.int64), np.asarray(pos, np.int64), reasons, now, limits)
+    batch.rejected = [
+        Rejected(raw=_as_bytes(raws[i]), key=None if keys is None else keys[i], reason=_join(r))
+        for i, r in sorted(reasons.items())
+    ]
+    return batch
+
+
+def _decode_one(raw: Any, i: int, got: list, src: list, pos: list, reasons: dict[int, list[str]]) -> None:
+    try:
+        m = _decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        try:  # find which objects of an array are bad, keep the rest
+            parts = _raw_list_decoder.decode(raw)
+        except Exception:  # noqa: BLE001 - not an array: the first error says why
+            reasons[i] = [_reason(exc, None)]
+            return
+        bad: list[str] = []
+        for j, part in enumerate(parts):
+            try:
+                got.append(_one_decoder.decode(part))
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                bad.append(_reason(e, j))
+                continue
+            except Exception as e:  # noqa: BLE001
+                bad.append(f"[{j}]: undecodable: {e}")
+                continue
+            src.append(i)
+            pos.append(j)
+        if bad or not parts:
+            reasons[i] = bad or ["empty array"]
+        return
+    except Exception as exc:  # noqa: BLE001 - the decoder must never raise
+        reasons[i] = [f"undecodable: {exc}"]
+        return
+    items = m if isinstance(m, list) else [m]
+    if not items:
+        reasons[i] = ["empty array"]
+        return
+    got.extend(items)
+    src.extend([i] * len(items))
+    pos.extend(range(len(items)) if isinstance(m, list) else [-1])
+
+
+def _columns(got: list[Migration]) -> MigrationBatch:
+    rows = np.array([[getattr(m, f) for f in _NUM] for m in got], dtype=np.float64).reshape(len(got), len(_NUM))
+    c = {f: np.ascontiguousarray(rows[:, j]) for j, f in enumerate(_NUM)}
+    return MigrationBatch(
+        vm=[m.vm for m in got],
+        host_from=[m.host_from or "" for m in got],
+        host_to=[m.host_to or "" for m in got],
+        **c,
+    )
+
+
+def _check_ranges(b: MigrationBatch, src: np.ndarray, pos: np.ndarray, reasons: dict[int, list[str]],
+                  now: float, limits: Limits) -> None:
+    """Vectorised checks the field types cannot express; drops failing migrations."""
+    bad_old = b.start < limits.min_ts
+    bad_future = b.end > now + limits.max_future_s
+    bad_order = b.end < b.start
+    bad = bad_old | bad_future | bad_order
+    if not bad.any():
+        return
+    for k in np.flatnonzero(bad):
+        where = "" if pos[k] < 0 else f"[{pos[k]}]."
+        if bad_old[k]:
+            why = f"{where}start: {b.start[k]:.0f} is before {limits.min_ts:.0f}"
+        elif bad_future[k]:
+            why = f"{where}end: {b.end[k]:.0f} is more than {limits.max_future_s:.0f} s in the future"
+        else:
+            why = f"{where}end: {b.end[k]:.3f} is before start {b.start[k]:.3f}"
+        reasons.setdefault(int(src[k]), []).append(why)
+    keep = np.flatnonzero(~bad)
+    for name in ("vm", "host_from", "host_to"):
+        col = getattr(b, name)
+        setattr(b, name, [col[k] for k in keep])
+    for name in _NUM:
+        setattr(b, name, getattr(b, name)[keep])
+
+
+# ---------------------------------------------------------------------------- correction
+@dataclass(frozen=True)
+class _State:
+    """Immutable snapshot: (mean log-ratio, decayed weight, count) globally and per host.
+
+    Replaced wholesale on every update/load, so the scorer thread always reads a
+    consistent snapshot without a lock.
+    """
+
+    glob: tuple[float, float, int] = (0.0, 0.0, 0)
+    hosts: Mapping[str, tuple[float, float, int]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class DowntimeCorrection:
+    """Online multiplicative correction of predicted downtime, learned from observed migrations.
+
+    Each observation contributes ``x = log(observed / predicted)`` (predicted =
+    the uncorrected model output), clipped to ``[log lo, log hi]`` so that one
+    failed migration cannot swing the factor further than the clip. The state is
+    an exponentially weighted mean of ``x`` with bias correction (weights decay by
+    ``1 - alpha`` per later observation, mean = weighted sum / weight sum): the
+    first observations average exactly, later ones forget with an effective
+    memory of ``1 / alpha`` observations. Kept globally and per source host; a
+    host with fewer than ``min_obs`` observations uses the global factor, and
+    the global one is 1 until it has ``min_obs`` itself.
+    """
+
+    def __init__(self, *, alpha: float = 0.05, min_obs: int = 10, lo: float = 0.2, hi: float = 5.0) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"need 0 < lo <= 1 <= hi, got lo={lo}, hi={hi}")
+        self.alpha, self.min_obs = float(alpha), int(min_obs)
+        self.lo, self.hi = float(lo), float(hi)
+        self._log_lo, self._log_hi = math.log(lo), math.log(hi)
+        self._state = _State()
+        self.counts: Counter[str] = Counter()  # used / no_score / stale / rejected, for logs and tests
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def observations(self) -> int:
+        return self._state.glob[2]
+
+    def global_factor(self) -> float:
+        mean, _, n = self._state.glob
+        return math.exp(min(max(mean, self._log_lo), self._log_hi)) if n >= self.min_obs else 1.0
+
+    def factor(self, hosts: Sequence[str]) -> np.ndarray:
+        """Correction factor per VM (float64 ``(len(hosts),)``) from each VM's host; 1 with no data."""
+        st = self._state  # one snapshot for the whole call
+        if len(hosts) == 0:
+            return np.ones(0)
+        g = math.log(self.global_factor())
+        uniq, inv = np.unique(np.asarray(hosts, dtype=str), return_inverse=True)
+        table = np.array([_host_log(st.hosts.get(h), g, self.min_obs) for h in uniq.tolist()])
+        return np.exp(np.clip(table, self._log_lo, self._log_hi))[inv.reshape(-1)]
+
+    # ------------------------------------------------------------------ learning
+    def update(self, hosts: Sequence[str], observed_ms: Any, predicted_ms: Any, *, applied: Any = None) -> int:
+        """Learn from a batch of observations (in order); returns how many were usable.
+
+        ``predicted_ms``: the downtime zhuge predicted for each migration. When
+        it already includes a correction (the Redis score of a corrected
+        scorer), pass that factor as ``applied`` so the model learns the error
+        of the uncorrected model. Rows with a non-finite or non-positive
+        prediction, or a non-finite observation, are skipped.
+        """
+        self._state, used = self._updated(self._state, hosts, observed_ms, predicted_ms, applied)
+        return used
+
+    def _updated(self, st: _State, hosts: Sequence[str], observed_ms: Any, predicted_ms: Any,
+                 applied: Any) -> tuple[_State, int]:
+        obs = np.asarray(observed_ms, dtype=np.float64).reshape(-1)
+        pred = np.asarray(predicted_ms, dtype=np.float64).reshape(-1)
+        app = np.ones_like(pred) if applied is None else np.asarray(applied, dtype=np.float64).reshape(-1)
+        if not (len(hosts) == obs.size == pred.size == app.size):
+            raise ValueError(f"update: lengths differ: hosts {len(hosts)}, observed {obs.size}, "
+                             f"predicted {pred.size}, applied {app.size}")
+        ok = np.isfinite(obs) & (obs >= 0) & np.isfinite(pred) & (pred > 0) & np.isfinite(app) & (app > 0)
+        if not ok.any():
+            return st, 0
+        with np.errstate(divide="ignore"):
+            x = np.log(obs[ok]) - np.log(pred[ok]) + np.log(app[ok])
+        x = np.clip(x, self._log_lo, self._log_hi)  # -inf (observed 0) -> log lo
+        decay = 1.0 - self.alpha
+        (glob,) = _fold([st.glob], np.zeros(x.size, np.int64), x, decay)
+        h = np.asarray(hosts, dtype=str).reshape(-1)[ok]
+        known = h != ""
+        new_hosts = dict(st.hosts)
+        if known.any():
+            uniq, inv = np.unique(h[known], return_inverse=True)
+            names = uniq.tolist()
+            folded = _fold([st.hosts.get(n, (0.0, 0.0, 0)) for n in names], inv.reshape(-1), x[known], decay)
+            new_hosts.update(zip(names, folded, strict=True))
+        return _State(glob, MappingProxyType(new_hosts)), int(x.size)
+
+    # ------------------------------------------------------------------ persistence
+    def to_json(self) -> str:
+        """The state as a small JSON document: ``{"version", "global": [mean, weight, n], "hosts": {...}}``."""
+        return _dump(self._state)
+
+    def load_json(self, text: str | bytes) -> None:
+        """Replace the state with a ``to_json`` document; ValueError (state kept) when invalid."""
+        self._state = _parse_state(text)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, **config: Any) -> DowntimeCorrection:
+        c = cls(**config)
+        c.load_json(text)
+        return c
+
+    async def load(self, client: Any, prefix: str) -> bool:
+        """Replace the state with the shared one in Redis (the source of truth).
+
+        An absent key means nothing learned yet, or an operator deleted it to
+        start over: the state is reset and False returned. An invalid document
+        is logged and ignored (state kept, False).
+        """
+        raw = await client.get(prefix + CORRECTION_KEY)
+        if raw is None:
+            self._state = _State()
+            return False
+        try:
+            self.load_json(raw)
+        except ValueError as exc:
+            log.warning("ignoring invalid %s%s in Redis: %s", prefix, CORRECTION_KEY, exc)
+            return False
+        return True
+
+    async def save(self, client: Any, prefix: str) -> None:
+        """Overwrite the shared state with this one (``update_shared`` merges instead)."""
+        await client.set(prefix + CORRECTION_KEY, self.to_json())
+
+    async def update_shared(self, client: Any, prefix: str, hosts: Sequence[str], observed_ms: Any,
+                            predicted_ms: Any, *, applied: Any = None, attempts: int = 20) -> int:
+        """``update`` applied to the state in Redis atomically (WATCH/MULTI, retried on conflict).
+
+        Workers each see only their share of ``vm.migrations`` (one consumer
+        group); folding every batch into the one shared document means no
+        worker's observations are lost to another's overwrite.
+        """
+        from redis.exceptions import WatchError
+
+        key = prefix + CORRECTION_KEY
+        async with client.pipeline(transaction=True) as pipe:
+            for _ in range(attempts):
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    base = _State()  # absent: nothing learned yet (or deleted to start over)
+                    if raw is not None:
+                        try:
+                            base = _parse_state(raw)
+                        except ValueError as exc:
+                            log.warning("replacing invalid %s in Redis: %s", key, exc)
+                    new, used = self._updated(base, hosts, observed_ms, predicted_ms, applied)
+                    pipe.multi()
+                    pipe.set(key, _dump(new))
+                    await pipe.execute()
+                    self._state = new
+                    return used
+                except WatchError:
+                    continue
+        raise RuntimeError(f"{key}: gave up after {attempts} conflicting concurrent updates")
+
+
+def _host_log(entry: tuple[float, float, int] | None, fallback: float, min_obs: int) -> float:
+    return entry[0] if entry is not None and entry[2] >= min_obs else fallback
+
+
+def _fold(states: list[tuple[float, float, int]], group: np.ndarray, x: np.ndarray,
+          decay: float) -> list[tuple[float, float, int]]:
+    """Fold observations ``x`` (in order) into per-group EW states, vectorised.
+
+    With S = weighted sum and W = weight sum, m new observations of a group give
+    ``S' = decay**m * S + sum_i decay**(later_i) * x_i`` (``later_i``: how many of
+    the group's observations come after i in this batch), same for W; mean = S'/W'.
+    """
+    G = len(states)
+    counts = np.bincount(group, minlength=G)
+    order = np.argsort(group, kind="stable")
+    starts = np.cumsum(counts) - counts
+    rank = np.empty_like(group)
+    rank[order] = np.arange(group.size) - starts[group[order]]
+    later = counts[group] - 1 - rank
+    w = decay**later
+    old = np.asarray(states, dtype=np.float64).reshape(G, 3)
+    keep = decay**counts
+    W = keep * old[:, 1] + np.bincount(group, weights=w, minlength=G)
+    S = keep * old[:, 0] * old[:, 1] + np.bincount(group, weights=w * x, minlength=G)
+    mean = np.where(W > 0, S / np.where(W > 0, W, 1), 0.0)
+    n = old[:, 2].astype(np.int64) + counts
+    return [(float(m), float(ww), int(c)) for m, ww, c in zip(mean, W, n, strict=True)]
+
+
+def _dump(st: _State) -> str:
+    doc = {"version": STATE_VERSION, "global": list(st.glob), "hosts": {h: list(v) for h, v in st.hosts.items()}}
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def _parse_state(text: str | bytes) -> _State:
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"correction state is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+        raise ValueError(f"correction state: expected an object with version {STATE_VERSION}")
+
+    def entry(v: Any, where: str) -> tuple[float, float, int]:
+        ok = isinstance(v, list) and len(v) == 3 and all(isinstance(a, (int, float)) for a in v)
+        if not ok or not all(math.isfinite(a) for a in v) or v[1] < 0 or v[2] < 0:
+            raise ValueError(f"correction state: {where} must be [mean, weight >= 0, count >= 0], got {v!r}")
+        return float(v[0]), float(v[1]), int(v[2])
+
+    hosts = doc.get("hosts", {})
+    if not isinstance(hosts, dict):
+        raise ValueError("correction state: hosts must be an object")
+    return _State(entry(doc.get("global"), "global"),
+                  MappingProxyType({str(h): entry(v, f"hosts.{h}") for h, v in hosts.items()}))
+
+
+# ---------------------------------------------------------------------------- the worker's step
+async def handle_migrations(
+    raws: Sequence[Any],
+    keys: Sequence[bytes | None] | None,
+    *,
+    correction: DowntimeCorrection,
+    redis_client: Any,
+    prefix: str,
+    now: float | None = None,
+    scores_corrected: bool = True,
+    max_score_age_s: float | None = 3600.0,
+) -> list[Rejected]:
+    """Decode a batch of ``vm.migrations`` messages and fold them into the shared correction.
+
+    The prediction compared with each observation is the VM's ``now_downtime_ms``
+    from ``<prefix>vm:<vm>`` (one pipelined read for the batch); its ``host`` is
+    used when the message has no ``host_from``. VMs without a usable score are
+    skipped (``counts["no_score"]``), and so are scores that cannot be the one
+    in force when the migration ran (``counts["stale"]``): computed from samples
+    newer than ``end`` (already the destination), or older than
+    ``max_score_age_s`` before ``start`` (None: no check). ``scores_corrected``:
+    the scores were written by a scorer that applies this correction, so the
+    current factor is divided out. Returns the rejections for the DLQ.
+    """
+    batch = decode_migrations(raws, keys, now=now)
+    correction.counts["rejected"] += len(batch.rejected)
+    if len(batch) == 0:
+        return batch.rejected
+    vms = sorted(set(batch.vm))
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for vm in vms:
+            pipe.hmget(f"{prefix}vm:{vm}", "now_downtime_ms", "host", "last_ts")
+        rows = await pipe.execute()
+    score = {vm: (_num(r[0]), "" if r[1] is None else _text(r[1]), _num(r[2])) for vm, r in zip(vms, rows, strict=True)}
+    pred = np.array([score[v][0] for v in batch.vm])
+    last_ts = np.array([score[v][2] for v in batch.vm])
+    hosts = [hf or score[v][1] for v, hf in zip(batch.vm, batch.host_from, strict=True)]
+    has_score = np.isfinite(pred) & (pred > 0)
+    fresh = np.ones(len(batch), bool)
+    if max_score_age_s is not None:
+        known = np.isfinite(last_ts)
+        fresh = ~known | ((last_ts <= batch.end) & (last_ts >= batch.start - max_score_age_s))
+    use = has_score & fresh
+    correction.counts["no_score"] += int((~has_score).sum())
+    correction.counts["stale"] += int((has_score & ~fresh).sum())
+    if use.any():
+        idx = np.flatnonzero(use)
+        h = [hosts[i] for i in idx]
+        applied = correction.factor(h) if scores_corrected else None
+        used = await correction.update_shared(redis_client, prefix, h, batch.downtime_ms[idx], pred[idx],
+                                              applied=applied)
+        correction.counts["used"] += used
+    log.info(
+        "vm.migrations: %d observed, %d used, %d without score, %d stale, %d rejected; global factor %.3f",
+        len(batch), int(use.sum()), int((~has_score).sum()), int((has_score & ~fresh).sum()),
+        len(batch.rejected), correction.global_factor(),
+    )
+    return batch.rejected
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)

@@ -1,0 +1,98 @@
+"""vm.migrations against a real Redis: scores read in one pipeline, shared correction state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import numpy as np
+import pytest
+
+from app.settings import Settings
+from streams.migrations import CORRECTION_KEY, DowntimeCorrection, handle_migrations
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+async def aredis(services: Settings):
+    """An async client plus a prefix of its own (keys removed afterwards)."""
+    client = services.redis_client()
+    prefix = f"zt-{uuid.uuid4().hex[:8]}:"
+    try:
+        yield client, prefix
+    finally:
+        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def seed(client, prefix, vms, host, now_ms=100.0, last_ts=NOW - 100):
+    async with client.pipeline(transaction=False) as pipe:
+        for vm in vms:
+            pipe.hset(f"{prefix}vm:{vm}", mapping={"now_downtime_ms": now_ms, "host": host, "last_ts": last_ts})
+        await pipe.execute()
+
+
+def migration(vm, downtime_ms, **kw):
+    return json.dumps({"vm": vm, "start": NOW, "end": NOW + 20, "downtime_ms": downtime_ms, **kw}).encode()
+
+
+async def test_two_workers_fold_their_shares_into_one_shared_correction(aredis):
+    client, prefix = aredis
+    await seed(client, prefix, [f"a{i}" for i in range(20)], "h1")
+    await seed(client, prefix, [f"b{i}" for i in range(20)], "h2")
+    await seed(client, prefix, ["old"], "h2", last_ts=NOW - 86400)
+    w1, w2 = DowntimeCorrection(min_obs=10), DowntimeCorrection(min_obs=10)
+    kw = dict(redis_client=client, prefix=prefix, now=NOW + 60, scores_corrected=False)
+    batch1 = [migration(f"a{i}", 300.0) for i in range(20)]
+    bad = migration("a0", -5.0)
+    batch2 = [json.dumps([json.loads(migration(f"b{i}", 50.0)) for i in range(20)]).encode(), bad,
+              migration("unscored", 80.0), migration("old", 80.0, host_from="h2")]
+    rej1 = await handle_migrations(batch1, None, correction=w1, **kw)
+    rej2 = await handle_migrations(batch2, [None, b"a0", b"unscored", b"old"], correction=w2, **kw)
+    assert rej1 == []
+    assert [(r.raw, r.key) for r in rej2] == [(bad, b"a0")] and "downtime_ms: must be >= 0" in rej2[0].reason
+    assert w2.counts["no_score"] == 1 and w2.counts["stale"] == 1 and w2.counts["used"] == 20
+
+    fresh = DowntimeCorrection(min_obs=10)
+    assert await fresh.load(client, prefix)
+    assert fresh.observations == 40  # neither worker overwrote the other's observations
+    h1, h2, other = fresh.factor(["h1", "h2", "h3"])
+    assert h1 == pytest.approx(3.0) and h2 == pytest.approx(0.5)
+    assert other == pytest.approx(fresh.global_factor()) and 0.5 < other < 3.0
+    assert (await client.get(prefix + CORRECTION_KEY)).decode() == fresh.to_json()
+
+
+async def test_concurrent_updates_are_not_lost(aredis):
+    client, prefix = aredis
+    workers = [DowntimeCorrection(min_obs=1) for _ in range(4)]
+    ones = np.ones(25)
+    await asyncio.gather(*[
+        w.update_shared(client, prefix, ["h"] * 25, 2 * ones, ones) for w in workers for _ in range(3)
+    ])
+    shared = DowntimeCorrection(min_obs=1)
+    assert await shared.load(client, prefix)
+    assert shared.observations == 4 * 3 * 25
+    assert shared.global_factor() == pytest.approx(2.0)
+
+
+async def test_invalid_shared_state_is_ignored_on_load(aredis):
+    client, prefix = aredis
+    await client.set(prefix + CORRECTION_KEY, b"garbage")
+    c = DowntimeCorrection(min_obs=1)
+    c.update(["h"], [200.0], [100.0])
+    assert not await c.load(client, prefix)
+    assert c.global_factor() == pytest.approx(2.0)
+
+
+async def test_deleting_the_shared_state_resets_every_worker(aredis):
+    client, prefix = aredis
+    c = DowntimeCorrection(min_obs=1)
+    await c.update_shared(client, prefix, ["h"], [300.0], [100.0])
+    assert c.global_factor() == pytest.approx(3.0)
+    await client.delete(prefix + CORRECTION_KEY)
+    assert not await c.load(client, prefix)
+    assert c.global_factor() == 1.0 and c.observations == 0
