@@ -1,30 +1,36 @@
 # zhuge: one entry point for people and CI. Works with or without an activated venv.
-PYTHON ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)
+PYTHON ?= .venv/bin/python
 ZHUGE  := $(PYTHON) -m app.cli
+STAMP  := .venv/.zhuge-installed
 
 .PHONY: help install demo test test-unit test-integration services-up services-down services-status readme-settings
 
 help:
 	@echo "make install | demo | test | test-unit | test-integration | services-up | services-down | services-status | readme-settings"
 
-install:
-	[ -x .venv/bin/python ] || python3 -m venv .venv
-	.venv/bin/python -m pip install -U pip
-	.venv/bin/python -m pip install -e ".[test]"
+# A fresh machine: system packages (redis-server, Java, Maven, Prometheus), then .venv with the project.
+install: $(STAMP)
 
-demo:
+$(STAMP): pyproject.toml
+	bash ops/install-system-deps.sh
+	[ -x .venv/bin/python ] || python3 -m venv .venv
+	.venv/bin/python -m pip install -q -U pip
+	.venv/bin/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
 	$(ZHUGE) demo
 
-test:
+test: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not gpu" tests
 
-test-unit:
+test-unit: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not gpu and not integration" tests
 
-test-integration:
+test-integration: $(STAMP)
 	$(PYTHON) -m pytest -q -m "integration and not gpu" tests
 
-services-up:
+services-up: $(STAMP)
 	$(ZHUGE) services up
 
 services-down:

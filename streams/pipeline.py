@@ -52,6 +52,7 @@ class PartitionState:
     next_offset: int
     last_snapshot: float = field(default_factory=time.monotonic)
     last_evict: float = field(default_factory=time.monotonic)
+    dropped_seen: int = 0  # late samples of this store already counted in the metric
     pending: set[str] = field(default_factory=set)  # VMs with samples not yet scored
 
 
@@ -114,7 +115,7 @@ class Pipeline:
             log.warning("snapshot of partition %d has another window shape: rebuilding from Kafka", partition)
             store, snap = self._new_store(), None
         start = snap.next_offset if snap else None
-        state = PartitionState(store=store, next_offset=max(first_offset, start or 0))
+        state = PartitionState(store=store, next_offset=max(first_offset, start or 0), dropped_seen=store.dropped_old)
 
         def apply(values: list[bytes], keys: list[bytes | None]) -> None:
             decoded = decode_messages(values, keys, now=self.clock())
@@ -313,6 +314,10 @@ class Pipeline:
         for d in decoded.values():
             if len(d.ts):
                 m.observe_lags(written - d.ts)
+        for state in self.partitions.values():
+            if state.store.dropped_old > state.dropped_seen:
+                m.samples_late_dropped.inc(state.store.dropped_old - state.dropped_seen)
+                state.dropped_seen = state.store.dropped_old
         m.window_store_vms.set(sum(len(s.store) for s in self.partitions.values()))
         m.window_store_bytes.set(sum(s.store.nbytes for s in self.partitions.values()))
 

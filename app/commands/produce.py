@@ -44,12 +44,18 @@ def _run(coro_factory, live_line) -> object:  # noqa: ANN001
     from rich.live import Live
 
     console = Console(stderr=True)
+    last: list[object] = [None]
+
+    def show(p: object) -> None:
+        last[0] = p
+        live.update(live_line(p))
+
     with Live(console=console, refresh_per_second=4, transient=True) as live:
         try:
-            return asyncio.run(coro_factory(lambda p: live.update(live_line(p))))
+            return asyncio.run(coro_factory(show))
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopped after flushing what was queued[/]")
-            return None
+            return last[0]  # the totals so far, for the summary
 
 
 def register(cli: typer.Typer) -> None:
