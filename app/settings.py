@@ -51,9 +51,13 @@ class Settings:
     window_span_s: int = _doc("sliding-window span kept per VM, in seconds (>= 24 h)", default=86400)
     horizon_s: int = _doc("forecast horizon in seconds", default=86400)
     vm_ttl_s: int = _doc("a VM silent this long is evicted from the window store", default=6 * 3600)
-    batch_max: int = _doc("largest micro-batch of Kafka messages the worker takes", default=2000)
+    batch_max: int = _doc("largest micro-batch of Kafka messages the worker takes", default=5000)
     batch_within_s: float = _doc("longest wait to fill a micro-batch, seconds", default=0.5)
-    rescore_s: int = _doc("a VM is re-scored at most once per this many seconds (default one slot)", default=300)
+    rescore_s: int = _doc(
+        "least seconds between two scores of a VM in the same slot (0: every batch bringing it samples); "
+        "the forecaster itself runs once per VM per slot",
+        default=0,
+    )
     # --- migration / downtime model ----------------------------------------
     link_mbps: float = _doc("migration link bandwidth, MB/s (10 GbE ~ 1250)", default=1250.0)
     downtime_target_ms: float = _doc("downtime target: stop pre-copy once the remainder fits it (QEMU default 300)", default=300.0)

@@ -59,16 +59,18 @@ class WorkerProcess:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read().decode()
 
     def wait_ready(self, timeout: float) -> None:
+        """Wait until /metrics answers with a model in service (bootstrap training included)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}; log:\n{self.tail()}")
             try:
-                self.metrics_text()
-                return
+                if 'zhuge_model_version_info{version="none"}' not in self.metrics_text():
+                    return  # serving metrics and a model: ready to score
             except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"worker not serving /metrics after {timeout}s; log:\n{self.tail()}")
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"worker not serving a model on /metrics after {timeout}s; log:\n{self.tail()}")
 
     def counter(self, name: str) -> float:
         """Sum of a metric's samples (all labels) from /metrics."""

@@ -13,7 +13,8 @@ simulated fleet into a fresh topic, then measures over that topic:
   measured e2e maximum, from the ``vm.scores`` records (Kafka CreateTime of the
   score minus the sample's ``ts``, which the producer stamps at send time).
 
-Every sample re-scores its VM in this benchmark (``rescore_s=0``): the worst case.
+With the default settings every sample re-scores its VM (``rescore_s`` 0); the
+forecaster runs once per VM per slot, the downtime/window part on every score.
 """
 
 from __future__ import annotations
@@ -210,7 +211,6 @@ async def _bench_shape(base: Settings, shape: str, samples: int, vms: int, hosts
         redis_prefix=f"bench{run}:",
         snapshot_dir=str(workdir / "snapshots"),
         history_url=str(workdir / f"history-{run}"),
-        rescore_s=0,
     )
     await ensure_topics(settings, [settings.topic_metrics, settings.topic_dlq, settings.topic_scores])
     batched = shape == "batched"  # the other shape is "per-vm"

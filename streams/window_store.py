@@ -81,6 +81,11 @@ class WindowStore:
         self.host_code = np.zeros(0, dtype=np.int32)
         self.scored_at = np.zeros(0, dtype=np.float64)
         self.scored_slot = np.zeros(0, dtype=np.int64)
+        # forecast cache (see Scorer): model output on its horizon grid, valid while the
+        # row's newest slot equals forecast_slot and the model key is unchanged
+        self.forecast: Any = None
+        self.forecast_key = ""
+        self.forecast_slot = np.zeros(0, dtype=np.int64)
         self.vm_of_row: list[str] = []
         self.row_of: dict[str, int] = {}
         self.free: list[int] = []
@@ -108,6 +113,11 @@ class WindowStore:
         self.host_code = np.concatenate([self.host_code, np.full(pad, -1, np.int32)])
         self.scored_at = np.concatenate([self.scored_at, np.full(pad, -np.inf)])
         self.scored_slot = np.concatenate([self.scored_slot, np.full(pad, -1, np.int64)])
+        self.forecast_slot = np.concatenate([self.forecast_slot, np.full(pad, -1, np.int64)])
+        if self.forecast is not None:
+            grown = xp.zeros((new_cap, *self.forecast.shape[1:]), dtype=xp.float32)
+            grown[:old] = self.forecast
+            self.forecast = grown
         self.vm_of_row += [""] * pad
         self.free.extend(range(new_cap - 1, old - 1, -1))  # pop() hands out low rows first
         self.capacity = new_cap
@@ -123,6 +133,7 @@ class WindowStore:
         self.host_code[rows] = -1
         self.scored_at[rows] = -np.inf
         self.scored_slot[rows] = -1
+        self.forecast_slot[rows] = -1
 
     def _rows_for(self, vms: np.ndarray) -> np.ndarray:
         """Rows of distinct VM ids, allocating (and growing) for new ones."""
@@ -295,12 +306,35 @@ class WindowStore:
         self.scored_at[rows] = now
         self.scored_slot[rows] = self.last_slot[rows]
 
+    # ------------------------------------------------------------------ forecast cache
+    def cached_forecast(self, rows: Any, key: str) -> np.ndarray:
+        """Mask of ``rows`` whose cached forecast is current (same model key, same newest slot)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.forecast is None or key != self.forecast_key:
+            return np.zeros(rows.shape[0], dtype=bool)
+        return self.forecast_slot[rows] == self.last_slot[rows]
+
+    def put_forecast(self, rows: Any, pred: Any, key: str) -> None:
+        """Cache ``pred`` (rows x model grid x targets x quantiles) for the rows' current slot."""
+        rows = np.asarray(rows, dtype=np.int64)
+        xp = self.xp
+        if self.forecast is None or key != self.forecast_key or self.forecast.shape[1:] != pred.shape[1:]:
+            self.forecast = xp.zeros((self.capacity, *pred.shape[1:]), dtype=xp.float32)
+            self.forecast_slot[:] = -1
+            self.forecast_key = key
+        self.forecast[xp.asarray(rows)] = pred
+        self.forecast_slot[rows] = self.last_slot[rows]
+
+    def get_forecast(self, rows: Any) -> Any:
+        return self.forecast[self.xp.asarray(np.asarray(rows, dtype=np.int64))]
+
     # ------------------------------------------------------------------ size
     @property
     def nbytes(self) -> int:
         """Bytes held by the store's arrays (device and host)."""
         host = sum(a.nbytes for a in self._host_arrays().values())
-        return int(self.sums.nbytes + self.counts.nbytes + host)
+        cache = 0 if self.forecast is None else self.forecast.nbytes + self.forecast_slot.nbytes
+        return int(self.sums.nbytes + self.counts.nbytes + host + cache)
 
     @property
     def nbytes_per_vm(self) -> int:

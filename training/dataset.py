@@ -15,7 +15,7 @@ task per VM group; with cuDF installed, ``dask.config.set({"dataframe.backend":
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,11 +200,6 @@ def future_at(grid: SlotGrid, origins: np.ndarray, horizons: np.ndarray) -> np.n
     return out
 
 
-def iter_batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 # --- aligned panel and training examples --------------------------------------------
 
 
@@ -230,11 +225,16 @@ class Panel:
         return Panel([self.vms[i] for i in idx], self.first_slot, self.series[idx], self.mem_total_mb[idx], self.vcpus[idx])
 
 
-def panel_from_grids(grids: Sequence[SlotGrid], default_mem_mb: float | None = None) -> Panel:
+def panel_from_grids(
+    grids: Sequence[SlotGrid], default_mem_mb: float | None = None, zero_unmeasured_net: bool = False
+) -> Panel:
     """Align grids on the union of their slot ranges (NaN padding).
 
     ``default_mem_mb`` fills an unknown ``mem_total_mb`` (CPU-only traces), so
-    the downtime model has a memory size to work with; it is documented where used.
+    the downtime model has a memory size to work with. ``zero_unmeasured_net``
+    sets ``net_mbps`` to 0 where a VM has CPU samples when no VM of the source ever
+    reported network (CPU-only traces): the model then has a label for every target
+    and the whole link is free for the migration. Both are documented where used.
     """
     if not grids:
         raise ValueError("no VM with usable samples")
@@ -243,6 +243,9 @@ def panel_from_grids(grids: Sequence[SlotGrid], default_mem_mb: float | None = N
     series = np.full((len(grids), last - first + 1, len(CHANNELS)), np.nan, dtype=np.float32)
     for v, g in enumerate(grids):  # one block copy per VM
         series[v, g.first_slot - first : g.last_slot - first + 1] = g.values
+    c_net, c_cpu = CHANNELS.index("net_mbps"), CHANNELS.index("cpu_pct")
+    if zero_unmeasured_net and np.isnan(series[:, :, c_net]).all():
+        series[:, :, c_net] = np.where(np.isnan(series[:, :, c_cpu]), np.nan, np.float32(0.0))
     mem = np.array([g.mem_total_mb for g in grids], dtype=np.float32)
     if default_mem_mb is not None:
         mem = np.where(np.isfinite(mem) & (mem > 0), mem, np.float32(default_mem_mb))

@@ -27,11 +27,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from training.baselines import BASELINES, seasonal_naive
+from training.baselines import BASELINES, last_valid, rolling_mean, seasonal_naive
 from training.dataset import CHANNELS, Panel, panel_examples, sample_origins
 
 BUCKETS: dict[str, tuple[int, int]] = {"1h": (0, 3600), "6h": (3600, 6 * 3600), "24h": (6 * 3600, 24 * 3600)}
@@ -145,12 +146,6 @@ def regret_of(costs: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return chosen - best
 
 
-def _newest(x: np.ndarray) -> np.ndarray:
-    from training.baselines import last_valid
-
-    return last_valid(x)
-
-
 # --- the backtest ---------------------------------------------------------------------
 
 
@@ -176,8 +171,12 @@ def backtest(
     t_cpu = TARGETS.index("cpu_pct")
 
     # in-sample seasonal-naive MAE of cpu per VM (the MASE scale)
+    day = 86400 // slot_s
+    baselines = {"last": BASELINES["last"], "seasonal": partial(seasonal_naive, season=day), "mean": partial(rolling_mean, span=day)}
     tr = panel.series[:, :split, c_cpu]
-    scale = np.nanmean(np.abs(tr[:, 288:] - tr[:, :-288]), axis=1) if split > 288 else np.full(len(panel.vms), np.nan)
+    diff = np.abs(tr[:, day:] - tr[:, :-day]) if split > day else np.full((len(panel.vms), 0), np.nan)
+    n_ok = np.isfinite(diff).sum(axis=1)
+    scale = np.where(n_ok > 0, np.nansum(diff, axis=1) / np.maximum(n_ok, 1), np.nan)
 
     methods = METHODS
     err_sum = {m: np.zeros((len(TARGETS), H)) for m in methods}
@@ -210,7 +209,7 @@ def backtest(
         for j, target in enumerate(TARGETS):
             c = CHANNELS.index(target)
             hist = win[:, :, c]
-            fc = {"model": pred[:, :, j, 0]} | {m: f(hist, horizons) for m, f in BASELINES.items()}
+            fc = {"model": pred[:, :, j, 0]} | {m: f(hist, horizons) for m, f in baselines.items()}
             y = actual[:, :, c]
             ok = np.isfinite(y)
             for f in fc.values():
@@ -240,7 +239,7 @@ def backtest(
         fut = panel.series[vm_of[:, None], org[:, None] + np.arange(1, Hs + 1)[None, :]]  # (n, Hs, C)
         dirty_a = _fill_time(fut[:, :, c_dirty])
         net_a = np.nan_to_num(_fill_time(fut[:, :, c_net]), nan=0.0)
-        mem = _newest(win[:, :, c_mem])
+        mem = last_valid(win[:, :, c_mem])
         mem = np.where(np.isfinite(mem), mem, attrs["mem_total_mb"]).astype(np.float32)
         dt_a, dur_a = downtime_curve(dirty_a, net_a, mem, settings)
         costs = window_costs(dt_a, dur_a)
@@ -249,8 +248,8 @@ def backtest(
         start_model = np.round(out["best_start"] / slot_s).astype(np.int64) - attrs["last_slot"] - 1
         start_model = np.clip(start_model, 0, Hs - 1)
         hz = np.arange(1, Hs + 1)
-        dirty_s = np.nan_to_num(seasonal_naive(win[:, :, c_dirty], hz), nan=0.0)
-        net_s = np.nan_to_num(seasonal_naive(win[:, :, c_net], hz), nan=0.0)
+        dirty_s = np.nan_to_num(seasonal_naive(win[:, :, c_dirty], hz, day), nan=0.0)
+        net_s = np.nan_to_num(seasonal_naive(win[:, :, c_net], hz, day), nan=0.0)
         dt_s, dur_s = downtime_curve(dirty_s, net_s, mem, settings)
         start_seasonal, _ = best_window(dt_s, dur_s, 1.0, np)
         costs = np.where(np.isfinite(costs), costs, np.nan)

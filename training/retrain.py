@@ -146,7 +146,9 @@ def distributed_examples(client: Any, panel: Panel, settings: Any, cfg: RetrainC
     ys = [da.from_delayed(dask.delayed(operator.getitem)(f, 1), (n, len(TARGETS)), np.float32) for f, n in zip(futs, sizes) if n]
     if not xs:
         raise ValueError("no training example: the history is shorter than one window plus the held-out day")
-    return da.concatenate(xs), da.concatenate(ys), int(sum(sizes))
+    # persisted: the fit then starts from plain in-memory blocks (no alias keys re-submitted per target)
+    X, Y = client.persist([da.concatenate(xs), da.concatenate(ys)])
+    return X, Y, int(sum(sizes))
 
 
 # --- gate ---------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def retrain_once(
     tic = time.perf_counter()
     progress("grids", 0.0)
     grids = load_grids(client, settings.slot_s, history=history, fmt=fmt, path=path, vms=vms, groups=cfg.vm_groups)
-    panel = panel_from_grids(grids, cfg.default_mem_mb)
+    panel = panel_from_grids(grids, cfg.default_mem_mb, zero_unmeasured_net=True)
     t["grids_s"] = time.perf_counter() - tic
     progress("examples", 0.25)
     Xh, Yh, cut = holdout_examples(panel, settings, cfg)

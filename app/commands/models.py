@@ -64,7 +64,7 @@ def register(cli: typer.Typer) -> None:
             with _progress(console) as prog:
                 task = prog.add_task("load", total=1.0)
                 grids = grids_from_trace(fmt, path, vms, settings.slot_s)
-                panel = panel_from_grids(grids, cfg.default_mem_mb)
+                panel = panel_from_grids(grids, cfg.default_mem_mb, zero_unmeasured_net=True)
                 prog.update(task, completed=1.0)
                 tasks: dict[str, Any] = {}
 
@@ -108,7 +108,10 @@ def register(cli: typer.Typer) -> None:
         from training.retrain import RetrainConfig, open_client, parse_every, retrain_once
 
         settings = settings_of(ctx)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # our loggers at the configured level; Dask's cluster chatter (and benign shutdown races) stays quiet
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for ours in ("app", "training"):
+            logging.getLogger(ours).setLevel(settings.log_level.upper())
         if fmt is not None:
             _check_format(fmt)
             if path is None:
@@ -120,6 +123,9 @@ def register(cli: typer.Typer) -> None:
             raise typer.BadParameter(str(exc)) from exc
         cfg = RetrainConfig(n_workers=workers, scheduler=scheduler, max_rows=max_rows, n_estimators=trees)
         console = Console(stderr=True)
+        import distributed  # noqa: F401  (its import installs its log config; quiet it afterwards)
+
+        logging.getLogger("distributed").setLevel(logging.ERROR)
         client, cluster = open_client(cfg, settings.device)
         try:
             while True:

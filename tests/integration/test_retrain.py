@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~40-70 s: Kafka start + two Dask fits
 
 
 def _write_history(root, n_vms: int = 6, days: int = 3, slot_s: int = 300) -> None:

@@ -138,3 +138,54 @@ def test_two_workers_share_partitions_and_a_rebalance_leaves_no_gap(worker_setti
             assert b.stop() == 0, b.tail()
         assert a.stop() == 0, a.tail()
     assert_same_windows(snapshot_windows(worker_settings), reference_windows(worker_settings, messages))
+
+
+def test_running_worker_swaps_to_a_published_model_and_refuses_a_corrupt_one(
+    worker_settings: Settings, tmp_path: Path
+) -> None:
+    from app.model_watch import notify_new_version
+    from training.bootstrap import bootstrap_model
+    from training.store import ModelStore
+
+    settings = worker_settings.replace(model_store=str(tmp_path / "models"), model_check_s=2.0)
+    store = ModelStore(settings.model_store)
+    messages = bitbrains_messages("1-4", 300)
+    worker = WorkerProcess.start(settings, tmp_path / "worker.log", ready_timeout=120)
+    try:
+        first = store.latest_version()
+        assert worker_model(worker) == first
+
+        challenger = bootstrap_model(settings)
+        published = store.publish(challenger, now=time.time() + 1)
+        notify_new_version(settings, published)
+        wait_until(lambda: worker_model(worker) == published, f"worker never swapped to {published}", worker)
+        asyncio.run(produce(settings, messages))
+        hashes = wait_for_scores(settings, newest_ts(messages))
+        assert {h["model"] for h in hashes.values()} == {published}
+
+        corrupt = store.publish(bootstrap_model(settings), now=time.time() + 2)
+        model_file = next((Path(settings.model_store) / corrupt).glob("*.ubj"))
+        model_file.write_bytes(model_file.read_bytes()[:-16] + b"\0" * 16)
+        notify_new_version(settings, corrupt)
+        wait_until(lambda: worker.counter("zhuge_model_rejected_total") >= 1, "corrupt model not refused", worker)
+        assert worker_model(worker) == published
+        assert worker.proc.poll() is None, "the worker must keep running"
+    finally:
+        assert worker.stop() == 0, worker.tail()
+
+
+def worker_model(worker: WorkerProcess) -> str:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(worker.metrics_text()):
+        for sample in family.samples:
+            if sample.name == "zhuge_model_version_info" and sample.value == 1:
+                return sample.labels["version"]
+    return ""
+
+
+def wait_until(predicate, message: str, worker: WorkerProcess, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{message}:\n{worker.tail()}"
+        time.sleep(0.3)

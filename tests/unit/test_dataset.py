@@ -79,3 +79,17 @@ def test_windows_and_futures_pad_with_nan_outside_the_grid():
 def test_no_timestamp_column_is_a_clear_error():
     with pytest.raises(ValueError, match="ts"):
         slot_grid("x", pd.DataFrame({"cpu_pct": [1.0]}))
+
+
+def test_cpu_only_panel_gets_default_memory_and_zero_network():
+    from training.dataset import panel_from_grids
+
+    df = pd.DataFrame({"ts": [0.0, 600.0], "cpu_pct": [10.0, 20.0], "dirty_mbps": [1.0, 2.0]})
+    g1 = slot_grid("a", df)
+    g2 = slot_grid("b", df.assign(ts=df["ts"] + 300.0))
+    p = panel_from_grids([g1, g2], default_mem_mb=4096.0, zero_unmeasured_net=True)
+    assert p.series.shape == (2, 4, len(CHANNELS)) and p.first_slot == 0
+    np.testing.assert_array_equal(p.mem_total_mb, [4096.0, 4096.0])
+    net = p.series[:, :, CHANNELS.index("net_mbps")]
+    np.testing.assert_array_equal(net[0], [0.0, np.nan, 0.0, np.nan])  # 0 only where the VM reported
+    assert np.isnan(p.series[1, 0, 0]) and p.series[1, 1, 0] == 10.0

@@ -167,3 +167,43 @@ def test_interpolation_is_linear_between_sparse_horizons():
     np.testing.assert_allclose(got[12:], 120.0)  # flat past the last grid point
     with pytest.raises(ValueError):
         interp_weights(np.array([4, 2]), 5)
+
+
+def test_forecaster_runs_once_per_slot_while_scores_follow_every_sample():
+    s = settings()
+    store = WindowStore(s.window_slots, SLOT, s.vm_ttl_s)
+    vms = ["a", "b", "c"]
+    model = ValleyModel(valley_slot=5)
+    scorer = Scorer(s, lambda: model)
+    rows = fill(store, vms, ["h1"] * 3, mem_used=8192.0)
+    first = scorer.score(store, rows, now=T0 + 20)
+    assert scorer.forecasts_run == 3
+
+    # new samples in the same slot: the cached forecast is reused, memory is re-read
+    rows = fill(store, vms, ["h1"] * 3, mem_used=8192.0 * 4, ts=np.full(3, T0 + 100.0))
+    again = scorer.score(store, rows, now=T0 + 120)
+    assert scorer.forecasts_run == 3
+    assert np.all(again.last_ts == T0 + 100.0)
+    assert np.all(again.best_end - again.best_start > first.best_end - first.best_start)  # more memory, longer copy
+    uncached = Scorer(s, lambda: model).score(store, rows, now=T0 + 120)
+    np.testing.assert_array_equal(again.best_downtime_ms, uncached.best_downtime_ms)
+    np.testing.assert_array_equal(again.p_ok, uncached.p_ok)
+
+    # a new slot, or a new model, runs the forecaster again
+    rows = fill(store, vms, ["h1"] * 3, ts=np.full(3, T0 + SLOT + 10.0))
+    scorer.score(store, rows, now=T0 + SLOT + 20)
+    assert scorer.forecasts_run == 6
+    model = ValleyModel(valley_slot=5, version="fake-2")
+    scorer.score(store, rows, now=T0 + SLOT + 30)
+    assert scorer.forecasts_run == 9
+
+
+def test_a_reused_row_never_inherits_the_previous_vms_forecast():
+    s = settings()
+    store = WindowStore(s.window_slots, SLOT, s.vm_ttl_s, capacity=1)
+    model = ValleyModel(valley_slot=5)
+    scorer = Scorer(s, lambda: model)
+    scorer.score(store, fill(store, ["old"], ["h1"]), now=T0 + 20)
+    store.release(store.rows_of(["old"]))
+    scorer.score(store, fill(store, ["new"], ["h1"]), now=T0 + 30)
+    assert scorer.forecasts_run == 2

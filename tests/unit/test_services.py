@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,10 @@ def test_cluster_id_is_kafka_shaped():
 @pytest.fixture
 def sleeper():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "zhuge-test-marker"])
+    deadline = time.monotonic() + 10
+    while not svc._matches(proc.pid, ("zhuge-test-marker",)):  # until exec replaced the forked cmdline
+        assert time.monotonic() < deadline, "sleeper never started"
+        time.sleep(0.01)
     yield proc
     if proc.poll() is None:
         proc.kill()
