@@ -97,8 +97,8 @@ def score_windows(
     predicted downtime (None: uncorrected). ``pred``: the chunk's forecast from
     :func:`forecast_grid` when the caller has it cached (None: computed here).
     """
-    k = win.shape[0]
     last_slot = xp.asarray(attrs["last_slot"], dtype=xp.int64)
+    k = int(last_slot.shape[0])
     if pred is None:
         pred = forecast_grid(win, attrs, model, slot_s, xp, device)
     lo, hi, w = (xp.asarray(a) for a in interp_weights(model.horizons, horizon_slots))
@@ -112,7 +112,10 @@ def score_windows(
     others = xp.nan_to_num(xp.asarray(others_net_mbps, dtype=xp.float32).reshape(k, 1), nan=0.0)
     bw = xp.maximum(link - (net90 + others), BW_FLOOR_FRACTION * link)
 
-    mem = _latest_observed(win[:, :, _C_MEM], xp)
+    if "mem_used_mb" in attrs:  # the newest sample's memory used (the window store keeps it per row)
+        mem = xp.asarray(attrs["mem_used_mb"], dtype=xp.float32)
+    else:
+        mem = _latest_observed(win[:, :, _C_MEM], xp)
     mem = xp.where(xp.isnan(mem), xp.asarray(attrs["mem_total_mb"], dtype=xp.float32), mem)[:, None]
 
     pc = precopy_with(params, mem, dirty90, bw, xp)
@@ -182,7 +185,7 @@ class Scorer:
         f = np.asarray(self.correction.factor(hosts), dtype=np.float64)
         return None if np.all(f == 1.0) else f
 
-    def _forecast(self, store: Any, chunk: np.ndarray, win: Any, attrs: dict[str, Any], model: Any) -> Any:
+    def _forecast(self, store: Any, chunk: np.ndarray, attrs: dict[str, Any], model: Any) -> Any:
         """The chunk's forecast, running the model only for rows whose newest slot moved on.
 
         The forecaster's inputs are slot means, so within one slot its output is
@@ -193,8 +196,8 @@ class Scorer:
         fresh = store.cached_forecast(chunk, key)
         stale = np.flatnonzero(~fresh)
         if stale.size:
-            sub_attrs = {name: np.asarray(attrs[name])[stale] for name in ("last_slot", "mem_total_mb", "vcpus")}
-            pred = forecast_grid(win[self.xp.asarray(stale)], sub_attrs, model, self.settings.slot_s, self.xp, self.device)
+            win, sub_attrs = store.windows(chunk[stale])  # the full window only where the model runs
+            pred = forecast_grid(win, sub_attrs, model, self.settings.slot_s, self.xp, self.device)
             store.put_forecast(chunk[stale], pred, key)
             self.forecasts_run += int(stale.size)
         return store.get_forecast(chunk)
@@ -221,11 +224,11 @@ class Scorer:
         last_ts: list[np.ndarray] = []
         for i in range(0, len(rows), self.chunk_vms):
             chunk = rows[i : i + self.chunk_vms]
-            win, attrs = store.windows(chunk)
+            attrs = store.attrs(chunk)
             others = store.host_traffic_mbps(chunk, exclude_self=True)
-            pred = self._forecast(store, chunk, win, attrs, model)
+            pred = self._forecast(store, chunk, attrs, model)
             out = score_windows(
-                win, attrs, self.xp.asarray(others), model, self.params, s.horizon_slots, s.slot_s,
+                None, attrs, self.xp.asarray(others), model, self.params, s.horizon_slots, s.slot_s,
                 self.xp, self.device, self.tol_ms, self._factor(attrs["host"]), pred,
             )  # fmt: skip
             for name, a in out.items():

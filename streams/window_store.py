@@ -78,6 +78,7 @@ class WindowStore:
         self.mem_total_mb = np.zeros(0, dtype=np.float32)
         self.vcpus = np.zeros(0, dtype=np.float32)
         self.latest_net = np.zeros(0, dtype=np.float32)
+        self.latest_mem = np.zeros(0, dtype=np.float32)
         self.host_code = np.zeros(0, dtype=np.int32)
         self.scored_at = np.zeros(0, dtype=np.float64)
         self.scored_slot = np.zeros(0, dtype=np.int64)
@@ -110,6 +111,7 @@ class WindowStore:
         self.mem_total_mb = np.concatenate([self.mem_total_mb, np.full(pad, np.nan, np.float32)])
         self.vcpus = np.concatenate([self.vcpus, np.full(pad, np.nan, np.float32)])
         self.latest_net = np.concatenate([self.latest_net, np.full(pad, np.nan, np.float32)])
+        self.latest_mem = np.concatenate([self.latest_mem, np.full(pad, np.nan, np.float32)])
         self.host_code = np.concatenate([self.host_code, np.full(pad, -1, np.int32)])
         self.scored_at = np.concatenate([self.scored_at, np.full(pad, -np.inf)])
         self.scored_slot = np.concatenate([self.scored_slot, np.full(pad, -1, np.int64)])
@@ -128,7 +130,7 @@ class WindowStore:
         self.counts[r_dev] = 0
         self.last_slot[rows] = -1
         self.last_ts[rows] = -np.inf
-        for a in (self.mem_total_mb, self.vcpus, self.latest_net):
+        for a in (self.mem_total_mb, self.vcpus, self.latest_net, self.latest_mem):
             a[rows] = np.nan
         self.host_code[rows] = -1
         self.scored_at[rows] = -np.inf
@@ -229,6 +231,7 @@ class WindowStore:
             (self.mem_total_mb, values_col(values, "mem_total_mb")),
             (self.vcpus, values_col(values, "vcpus")),
             (self.latest_net, chans[:, _CH["net_mbps"]]),
+            (self.latest_mem, values_col(values, "mem_used_mb")),
         ):
             g, v, k = _last_per_group(order, inv, ts, column)
             newer = k >= prev_ts[g]
@@ -254,15 +257,20 @@ class WindowStore:
         s = self.sums[r_dev, p_dev]
         c = self.counts[r_dev, p_dev]
         win = xp.where(c > 0, s / xp.maximum(c, 1).astype(xp.float32), xp.float32(np.nan)).astype(xp.float32)
-        attrs = {
+        return win, self.attrs(rows)
+
+    def attrs(self, rows: Any) -> dict[str, Any]:
+        """Per-row attributes (host-side): ids, newest slot and sample, VM size, newest memory used."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return {
             "vm": [self.vm_of_row[r] for r in rows.tolist()],
             "host": [self.hosts[c] if c >= 0 else "" for c in self.host_code[rows].tolist()],
-            "last_slot": last.copy(),
+            "last_slot": self.last_slot[rows].copy(),
             "last_ts": self.last_ts[rows].copy(),
             "mem_total_mb": self.mem_total_mb[rows].copy(),
             "vcpus": self.vcpus[rows].copy(),
+            "mem_used_mb": self.latest_mem[rows].copy(),
         }
-        return win, attrs
 
     def active_rows(self) -> np.ndarray:
         return np.fromiter(sorted(self.row_of.values()), dtype=np.int64)
@@ -350,6 +358,7 @@ class WindowStore:
             "mem_total_mb": self.mem_total_mb,
             "vcpus": self.vcpus,
             "latest_net": self.latest_net,
+            "latest_mem": self.latest_mem,
             "host_code": self.host_code,
             "scored_at": self.scored_at,
             "scored_slot": self.scored_slot,
@@ -384,7 +393,8 @@ class WindowStore:
         store.host_index = {h: i for i, h in enumerate(store.hosts)}
         rows = store._rows_for(np.asarray(vms, dtype=np.str_)) if vms else np.zeros(0, np.int64)
         for name, a in store._host_arrays().items():
-            a[rows] = np.asarray(arrays[name], dtype=a.dtype)
+            if name in arrays:  # snapshots from before an attribute existed leave it NaN/-1
+                a[rows] = np.asarray(arrays[name], dtype=a.dtype)
         store.sums[xp.asarray(rows)] = xp.asarray(np.asarray(arrays["sums"], dtype=np.float32))
         store.counts[xp.asarray(rows)] = xp.asarray(np.asarray(arrays["counts"], dtype=np.int32))
         return store

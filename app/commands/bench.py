@@ -42,8 +42,8 @@ def score(
 def pipeline(
     ctx: typer.Context,
     samples: int = typer.Option(200_000, "--samples", min=1000, help="K samples produced per message shape"),
-    vms: int = typer.Option(2000, "--vms", min=1, help="VMs in the simulated fleet"),
-    hosts: int = typer.Option(100, "--hosts", min=1, help="hosts (a host-batched message holds its VMs)"),
+    vms: int = typer.Option(1000, "--vms", min=1, help="VMs in the simulated fleet"),
+    hosts: int = typer.Option(50, "--hosts", min=1, help="hosts (a host-batched message holds its VMs)"),
     shape: list[str] = typer.Option(["batched", "per-vm"], "--shape", help="message shapes to run: batched, per-vm"),
     latency_s: float = typer.Option(15.0, "--latency-seconds", min=1.0, help="duration of the half-load latency phase"),
     workdir: Optional[str] = typer.Option(None, "--workdir", help="where worker logs, snapshots and models go (default: a temp dir)"),
