@@ -70,7 +70,6 @@ class Settings:
     snapshot_every_s: float = _doc("seconds between window snapshots of a partition", default=30.0)
     model_check_s: float = _doc("seconds between model-store checks (besides Redis pub/sub)", default=30.0)
     metrics_port: int = _doc("port of the worker's Prometheus /metrics (0 = none)", default=9464)
-    web_port: int = _doc("port of the Faust web server", default=6066)
     state_dir: str = _doc("local state of services (Kafka data, logs, pid files)", default=".zhuge")
     kafka_home: str = _doc("where `zhuge services` caches the Kafka broker jars (empty: ~/.cache/zhuge/kafka-<version>)", default="")
     log_level: str = _doc("log level", default="INFO")

@@ -26,7 +26,7 @@ QUANTILES: tuple[float, ...] = (0.5, 0.9)
 #: Targets modelled on a log1p scale (heavy-tailed rates); both features and labels.
 LOG1P_TARGETS: frozenset[str] = frozenset({"dirty_mbps", "net_mbps"})
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 DAY_S = 86400
 WEEK_S = 7 * DAY_S
 HOUR_S = 3600
@@ -34,6 +34,12 @@ HOUR_S = 3600
 SPANS_S: tuple[int, ...] = (HOUR_S, 6 * HOUR_S, DAY_S)
 _SPAN_TAGS = {HOUR_S: "1h", 6 * HOUR_S: "6h", DAY_S: "24h"}
 _STATS = ("mean", "std", "min", "max")
+#: Slots of the robust recent level (median) and the short mean: 15 min of 5-min slots.
+LEVEL_S = 900
+#: CPU percentages counted as idle / saturated (batch VMs jump between the two).
+CPU_IDLE_PCT, CPU_BUSY_PCT = 1.0, 99.0
+#: The feature the booster's label is measured from (``training.fit.label_offset``), per target short name.
+LABEL_BASE = "{s}_last"
 #: Epoch day 0 (1970-01-01) was a Thursday; Monday = 0.
 _EPOCH_DOW = 3
 
@@ -48,6 +54,8 @@ def _vm_feature_names() -> list[str]:
         for span in SPANS_S:
             names += [f"{s}_{stat}_{_SPAN_TAGS[span]}" for stat in _STATS]
         names.append(f"{s}_trend_1h")
+        names += [f"{s}_mean_15m", f"{s}_level", f"{s}_last_dev_1h"]
+    names += ["cpu_idle_frac_1h", "cpu_busy_frac_1h"]
     names += ["staleness_slots", "vcpus", "mem_total_mb", "mem_util"]
     return names
 
@@ -75,7 +83,9 @@ def _spec() -> dict[str, Any]:
         "quantiles": list(QUANTILES),
         "spans_s": list(SPANS_S),
         "transforms": {t: ("log1p" if t in LOG1P_TARGETS else "identity") for t in TARGETS},
-        "label": "booster learns transform(y) - <target>_last (NaN -> 0), see training.fit.label_offset",
+        "label": f"booster learns transform(y) - {LABEL_BASE} (NaN -> 0), see training.fit.label_offset",
+        "level": f"median of the newest {LEVEL_S} s; mean_15m over the same span; last_dev_1h = last - mean_1h",
+        "cpu_frac": [CPU_IDLE_PCT, CPU_BUSY_PCT],
         "yday": "value at target slot - 1 day; mean of 1 h centred on it",
         "lastweek": "value at target slot - 7 days",
         "time": "target slot tod sin/cos, dow Monday=0 (UTC)",
@@ -117,6 +127,15 @@ def _masked_mean(x: Any, xp: Any) -> Any:
     return _masked_stats(x, xp)[0]
 
 
+def _masked_median(x: Any, xp: Any) -> Any:
+    """NaN-aware median over the last axis (short spans); NaN where no value (no warnings)."""
+    n = (~xp.isnan(x)).sum(axis=-1)
+    srt = xp.sort(x, axis=-1)  # NaN sort last on NumPy and CuPy
+    lo = xp.take_along_axis(srt, xp.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    hi = xp.take_along_axis(srt, (n // 2)[..., None].clip(0, x.shape[-1] - 1), axis=-1)[..., 0]
+    return xp.where(n > 0, (lo + hi) * x.dtype.type(0.5), x.dtype.type(xp.nan))
+
+
 def _span_slots(span_s: int, slot_s: int, S: int) -> int:
     return int(min(S, max(1, span_s // slot_s)))
 
@@ -143,11 +162,21 @@ def _vm_features(win: Any, tw: Any, attrs: Mapping[str, Any], slot_s: int, xp: A
     prev = tw[:, :, max(0, S - 2 * n1h) : S - n1h] if S > n1h else tw[:, :, :0]
     prev_mean = _masked_mean(prev, xp) if prev.shape[-1] else xp.full((k, len(TARGETS)), xp.nan, xp.float32)
     trend = per_span[0][0] - prev_mean
+    recent = tw[:, :, S - _span_slots(LEVEL_S, slot_s, S) :]
+    mean_15m = _masked_mean(recent, xp)
+    level = _masked_median(recent, xp)
+    last_dev = last - per_span[0][0]
     for t in range(len(TARGETS)):
         cols.append(last[:, t])
         for stats in per_span:
             cols += [s[:, t] for s in stats]
-        cols.append(trend[:, t])
+        cols += [trend[:, t], mean_15m[:, t], level[:, t], last_dev[:, t]]
+    cpu_1h = tw[:, TARGETS.index("cpu_pct"), S - n1h :]
+    n_cpu = (~xp.isnan(cpu_1h)).sum(axis=-1)
+    denom = xp.where(n_cpu > 0, n_cpu, 1).astype(xp.float32)
+    nan = xp.float32(xp.nan)
+    cols.append(xp.where(n_cpu > 0, (cpu_1h <= CPU_IDLE_PCT).sum(axis=-1) / denom, nan))
+    cols.append(xp.where(n_cpu > 0, (cpu_1h >= CPU_BUSY_PCT).sum(axis=-1) / denom, nan))
     any_valid = ~xp.isnan(win).all(axis=-1)  # (k, S): any channel observed
     newest = S - 1 - xp.argmax(any_valid[:, ::-1], axis=-1)
     staleness = xp.where(any_valid.any(axis=-1), (S - 1 - newest).astype(xp.float32), xp.float32(xp.nan))

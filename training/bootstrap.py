@@ -78,7 +78,7 @@ def bootstrap_model(settings: Any, *, n_vms: int = BOOTSTRAP_VMS, days: int = BO
     )
     log.warning(
         "serving a BOOTSTRAP model %s fitted on simulated data (%d rows, %.1f s); "
-        "retrain on real history (zhuge models retrain) to replace it",
+        "retrain on real history (zhuge retrain) to replace it",
         model.version, X.shape[0], time.perf_counter() - tic,
     )
     return model

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, QUANTILES, TARGETS, array_module
+from gpu_kernels.features import FEATURE_NAMES, LABEL_BASE, LOG1P_TARGETS, QUANTILES, TARGETS, array_module
 
 _SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
 
@@ -28,7 +28,7 @@ def label_offset(X: Any, target: str) -> Any:
     ``<target>_last``, already on the label scale; NaN -> 0). Trees approximate an identity
     poorly, so learning the change from persistence, not the level, is what lets the model
     beat the last-value baseline at short horizons (see README "Evaluation and retraining")."""
-    col = X[:, FEATURE_NAMES.index(f"{_SHORT[target]}_last")]
+    col = X[:, FEATURE_NAMES.index(LABEL_BASE.format(s=_SHORT[target]))]
     xp = array_module(col)
     return xp.where(xp.isnan(col), 0, col)
 

@@ -39,7 +39,6 @@ def _settings_for(kafka: str, redis_url: str, tmp: Path) -> Settings:
         history_url=str(tmp / "history"),
         snapshot_dir=str(tmp / "snapshots"),
         metrics_port=0,
-        web_port=svc.free_port(),
         consumer_group=f"zhuge-test-{uuid.uuid4().hex[:8]}",
     )
 
