@@ -256,10 +256,13 @@ def retrain_once(
 
 
 def _cluster_has_gpu(client: Any) -> bool:
+    """True when every worker sees a CUDA device through CuPy (asked on the workers themselves)."""
+    from gpu_kernels.xp import gpu_available
+
     try:
-        info = client.scheduler_info()
-        return any("gpu" in (w.get("resources") or {}) or w.get("gpu") for w in info.get("workers", {}).values())
-    except Exception:  # noqa: BLE001 - a best-effort probe
+        answers = client.run(gpu_available)
+        return bool(answers) and all(answers.values())
+    except Exception:  # noqa: BLE001 - a best-effort probe: train on CPU
         return False
 
 
