@@ -36,7 +36,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from streams.schema import Limits, Rejected, _as_bytes, _join, _reason
+from streams.schema import Limits, ObjectDecoder, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ class MigrationBatch:
         return len(self.vm)
 
 
-_decoder = msgspec.json.Decoder(Migration | list[Migration])
-_one_decoder = msgspec.json.Decoder(Migration)
-_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_migrations = ObjectDecoder(Migration)
 _NUM = ("start", "end", "downtime_ms", "transferred_bytes", "rounds", "link_mbps")
 
 
@@ -99,61 +97,11 @@ def decode_migrations(
     indices; ``start``/``end`` must lie in ``[limits.min_ts, now + limits.max_future_s]``.
     """
     now = time.time() if now is None else now
-    keys = None if keys is None else list(keys)[: len(raws)] + [None] * max(0, len(raws) - len(keys))
-    got: list[Migration] = []
-    src: list[int] = []
-    pos: list[int] = []  # index inside the message's array, -1 for a single object
-    reasons: dict[int, list[str]] = {}
-    for i, raw in enumerate(raws):
-        if not isinstance(raw, (bytes, bytearray, memoryview)):
-            reasons[i] = ["empty message (no value)" if raw is None else f"value is {type(raw).__name__}, not bytes"]
-        elif len(raw) > limits.max_bytes:
-            reasons[i] = [f"message too large: {len(raw)} bytes > {limits.max_bytes}"]
-        else:
-            _decode_one(raw, i, got, src, pos, reasons)
-    batch = _columns(got)
-    _check_ranges(batch, np.asarray(src, np.int64), np.asarray(pos, np.int64), reasons, now, limits)
-    batch.rejected = [
-        Rejected(raw=_as_bytes(raws[i]), key=None if keys is None else keys[i], reason=_join(r))
-        for i, r in sorted(reasons.items())
-    ]
+    got = _migrations.decode(raws, limits)
+    batch = _columns(got.items)
+    _check_ranges(batch, np.asarray(got.src, np.int64), np.asarray(got.pos, np.int64), got.reasons, now, limits)
+    batch.rejected = got.rejected(raws, keys)
     return batch
-
-
-def _decode_one(raw: Any, i: int, got: list, src: list, pos: list, reasons: dict[int, list[str]]) -> None:
-    try:
-        m = _decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        try:  # find which objects of an array are bad, keep the rest
-            parts = _raw_list_decoder.decode(raw)
-        except Exception:  # noqa: BLE001 - not an array: the first error says why
-            reasons[i] = [_reason(exc, None)]
-            return
-        bad: list[str] = []
-        for j, part in enumerate(parts):
-            try:
-                got.append(_one_decoder.decode(part))
-            except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                bad.append(_reason(e, j))
-                continue
-            except Exception as e:  # noqa: BLE001
-                bad.append(f"[{j}]: undecodable: {e}")
-                continue
-            src.append(i)
-            pos.append(j)
-        if bad or not parts:
-            reasons[i] = bad or ["empty array"]
-        return
-    except Exception as exc:  # noqa: BLE001 - the decoder must never raise
-        reasons[i] = [f"undecodable: {exc}"]
-        return
-    items = m if isinstance(m, list) else [m]
-    if not items:
-        reasons[i] = ["empty array"]
-        return
-    got.extend(items)
-    src.extend([i] * len(items))
-    pos.extend(range(len(items)) if isinstance(m, list) else [-1])
 
 
 def _columns(got: list[Migration]) -> MigrationBatch:

@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -89,11 +89,100 @@ class DecodedBatch:
         return len(self.vm)
 
 
-_decoder = msgspec.json.Decoder(Sample | list[Sample])
-_one_decoder = msgspec.json.Decoder(Sample)
-_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _row = operator.attrgetter("ts", *METRICS)
 _F32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class ObjectBatch:
+    """Structs decoded from a batch of messages, and why the other messages failed."""
+
+    items: list[Any]
+    src: list[int]  # input message of each item
+    pos: list[int]  # index inside the message's array, -1 for a single object
+    reasons: dict[int, list[str]]  # message index -> what was wrong with it
+
+    def rejected(self, raws: Sequence[Any], keys: Sequence[bytes | None] | None) -> list[Rejected]:
+        """One ``Rejected`` per failed message: its whole original bytes, key and reasons."""
+        if keys is not None and len(keys) != len(raws):
+            keys = list(keys)[: len(raws)] + [None] * max(0, len(raws) - len(keys))
+        return [
+            Rejected(raw=_as_bytes(raws[i]), key=None if keys is None else keys[i], reason=_join(r))
+            for i, r in sorted(self.reasons.items())
+        ]
+
+
+class ObjectDecoder:
+    """Messages holding one JSON object or an array of them -> msgspec structs; never raises.
+
+    The fast path decodes each message once as ``T | list[T]``; when that fails, the
+    message is split into raw elements and each is decoded alone, so one bad object
+    of a batched message does not drop the good ones (shared by ``vm.metrics`` and
+    ``vm.migrations``).
+    """
+
+    def __init__(self, struct: type) -> None:
+        self._batch = msgspec.json.Decoder(struct | list[struct])
+        self._one = msgspec.json.Decoder(struct)
+        self._raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+
+    def decode(self, raws: Sequence[Any], limits: Limits) -> ObjectBatch:
+        out = ObjectBatch([], [], [], {})
+        for i, raw in enumerate(raws):
+            if not isinstance(raw, (bytes, bytearray, memoryview)):
+                out.reasons[i] = ["empty message (no value)" if raw is None else f"value is {type(raw).__name__}, not bytes"]
+            elif len(raw) > limits.max_bytes:
+                out.reasons[i] = [f"message too large: {len(raw)} bytes > {limits.max_bytes}"]
+            else:
+                self._decode_one(raw, i, out)
+        return out
+
+    def _decode_one(self, raw: Any, i: int, out: ObjectBatch) -> None:
+        try:
+            got = self._batch.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self._split(raw, i, exc, out)
+            return
+        except Exception as exc:  # noqa: BLE001 - the decoder must never raise
+            out.reasons[i] = [f"undecodable: {exc}"]
+            return
+        if isinstance(got, list):
+            if not got:
+                out.reasons[i] = ["empty array"]
+                return
+            out.items.extend(got)
+            out.src.extend([i] * len(got))
+            out.pos.extend(range(len(got)))
+        else:
+            out.items.append(got)
+            out.src.append(i)
+            out.pos.append(-1)
+
+    def _split(self, raw: Any, i: int, exc: Exception, out: ObjectBatch) -> None:
+        """The whole message failed: find which objects of an array are bad, keep the rest."""
+        try:
+            parts = self._raw_list.decode(raw)
+        except Exception:  # noqa: BLE001 - not an array: the first error says why
+            out.reasons[i] = [_reason(exc, None)]
+            return
+        bad: list[str] = []
+        for j, part in enumerate(parts):
+            try:
+                item = self._one.decode(part)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                bad.append(_reason(e, j))
+                continue
+            except Exception as e:  # noqa: BLE001
+                bad.append(f"[{j}]: undecodable: {e}")
+                continue
+            out.items.append(item)
+            out.src.append(i)
+            out.pos.append(j)
+        if bad or not parts:
+            out.reasons[i] = bad or ["empty array"]
+
+
+_samples = ObjectDecoder(Sample)
 
 
 def decode_messages(
@@ -105,72 +194,11 @@ def decode_messages(
 ) -> DecodedBatch:
     """Decode a batch of message values into columns plus rejections; never raises."""
     now = time.time() if now is None else now
-    if keys is not None and len(keys) != len(raws):
-        keys = list(keys)[: len(raws)] + [None] * max(0, len(raws) - len(keys))
-    samples: list[Sample] = []
-    src: list[int] = []
-    pos: list[int] = []  # index inside the message's array, -1 for a single object
-    reasons: dict[int, list[str]] = {}
-    for i, raw in enumerate(raws):
-        if not isinstance(raw, (bytes, bytearray, memoryview)):
-            reasons[i] = ["empty message (no value)" if raw is None else f"value is {type(raw).__name__}, not bytes"]
-            continue
-        if len(raw) > limits.max_bytes:
-            reasons[i] = [f"message too large: {len(raw)} bytes > {limits.max_bytes}"]
-            continue
-        try:
-            got = _decoder.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            _slow_path(raw, i, exc, samples, src, pos, reasons)
-            continue
-        except Exception as exc:  # noqa: BLE001 - the decoder must never raise
-            reasons[i] = [f"undecodable: {exc}"]
-            continue
-        if isinstance(got, list):
-            if not got:
-                reasons[i] = ["empty array"]
-                continue
-            samples.extend(got)
-            src.extend([i] * len(got))
-            pos.extend(range(len(got)))
-        else:
-            samples.append(got)
-            src.append(i)
-            pos.append(-1)
-    batch = _columns(samples, src)
-    _check_ranges(batch, np.asarray(pos, dtype=np.int32), reasons, now, limits)
-    batch.rejected = [
-        Rejected(raw=_as_bytes(raws[i]), key=None if keys is None else keys[i], reason=_join(r))
-        for i, r in sorted(reasons.items())
-    ]
+    got = _samples.decode(raws, limits)
+    batch = _columns(got.items, got.src)
+    _check_ranges(batch, np.asarray(got.pos, dtype=np.int32), got.reasons, now, limits)
+    batch.rejected = got.rejected(raws, keys)
     return batch
-
-
-def _slow_path(raw, i, exc, samples, src, pos, reasons) -> None:
-    """The whole message failed: find which objects of an array are bad, keep the rest."""
-    try:
-        parts = _raw_list_decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        reasons[i] = [_reason(exc, None)]
-        return
-    except Exception as e:  # noqa: BLE001
-        reasons[i] = [f"undecodable: {e}"]
-        return
-    bad: list[str] = []
-    for j, part in enumerate(parts):
-        try:
-            s = _one_decoder.decode(part)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            bad.append(_reason(e, j))
-            continue
-        except Exception as e:  # noqa: BLE001
-            bad.append(f"[{j}]: undecodable: {e}")
-            continue
-        samples.append(s)
-        src.append(i)
-        pos.append(j)
-    if bad or not parts:
-        reasons[i] = bad or ["empty array"]
 
 
 _EXPECT_CMP = re.compile(r"^Expected `(\w+)` (of length )?([<>]=?) (\S+)$")
