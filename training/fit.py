@@ -25,9 +25,9 @@ def to_label(y: Any, target: str) -> Any:
 
 def label_offset(X: Any, target: str) -> Any:
     """The booster learns ``to_label(y) - offset``: the target's newest observed value (feature
-    ``<target>_last``, already on the label scale; NaN -> 0). Trees approximate an identity
-    poorly, so learning the change from persistence, not the level, is what lets the model
-    beat the last-value baseline at short horizons (see README "Evaluation and retraining")."""
+    ``LABEL_BASE``, ``<target>_last``, already on the label scale; NaN -> 0). Trees approximate an
+    identity poorly, so learning the change from persistence, not the level, is what lets the model
+    compete with the last-value baseline at short horizons (see README "Evaluation and retraining")."""
     col = X[:, FEATURE_NAMES.index(LABEL_BASE.format(s=_SHORT[target]))]
     xp = array_module(col)
     return xp.where(xp.isnan(col), 0, col)

@@ -175,3 +175,38 @@ def test_windows_at_pads_young_series_with_nan() -> None:
     series = np.arange(10, dtype=np.float32).reshape(1, 10, 1).repeat(4, axis=2)
     w = windows_at(series, np.array([2]), 5)
     assert np.isnan(w[0, :2, 0]).all() and list(w[0, 2:, 0]) == [0, 1, 2]
+
+
+def test_recent_level_is_a_nan_aware_median_and_short_mean() -> None:
+    k, S = 3, 288
+    win = random_window(k, S, seed=3)
+    cpu = WINDOW_CHANNELS.index("cpu_pct")
+    win[0, -3:, cpu] = [10.0, 90.0, 20.0]  # a spike in the middle of the newest 15 min
+    win[1, -3:, cpu] = [40.0, np.nan, 60.0]
+    win[2, -3:, :] = np.nan  # nothing in the newest 15 min: the level is the last value
+    X = build_features(win, attrs(k), np.arange(k) + 10_000, H, SLOT)[:: len(H)]
+    assert X[:2, col("cpu_level")] == pytest.approx([20.0, 50.0])
+    assert X[2, col("cpu_level")] == pytest.approx(win[2, -4, cpu])
+    assert X[:2, col("cpu_mean_15m")] == pytest.approx([40.0, 50.0])
+    assert np.isnan(X[2, col("cpu_mean_15m")])
+    assert X[0, col("cpu_last_dev_1h")] == pytest.approx(20.0 - np.nanmean(win[0, -12:, cpu]), rel=1e-5)
+
+
+def test_idle_and_busy_fractions_of_the_last_hour() -> None:
+    k, S = 1, 288
+    win = random_window(k, S, seed=4)
+    cpu = WINDOW_CHANNELS.index("cpu_pct")
+    win[0, -12:, cpu] = [0.0] * 3 + [100.0] * 6 + [50.0, np.nan, 50.0]  # 11 observed slots
+    X = build_features(win, attrs(k), np.arange(k) + 10_000, H, SLOT)
+    assert X[0, col("cpu_idle_frac_1h")] == pytest.approx(3 / 11)
+    assert X[0, col("cpu_busy_frac_1h")] == pytest.approx(6 / 11)
+
+
+def test_label_offset_is_the_last_value_at_every_horizon() -> None:
+    from training.fit import label_offset
+
+    k, S = 1, 288
+    win = random_window(k, S, seed=5)
+    win[0, -3:, WINDOW_CHANNELS.index("cpu_pct")] = [10.0, 30.0, 80.0]
+    X = build_features(win, attrs(k), np.arange(k) + 10_000, H, SLOT)
+    assert np.all(label_offset(X, "cpu_pct") == 80.0)
