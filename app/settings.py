@@ -52,7 +52,7 @@ class Settings:
     horizon_s: int = _doc("forecast horizon in seconds", default=86400)
     vm_ttl_s: int = _doc("a VM silent this long is evicted from the window store", default=6 * 3600)
     batch_max: int = _doc("largest micro-batch of Kafka messages the worker takes", default=5000)
-    batch_within_s: float = _doc("longest wait to fill a micro-batch, seconds", default=0.5)
+    batch_within_s: float = _doc("longest wait to fill a micro-batch, seconds", default=0.25)
     rescore_s: int = _doc(
         "least seconds between two scores of a VM in the same slot (0: every batch bringing it samples); "
         "the forecaster itself runs once per VM per slot",
