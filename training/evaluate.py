@@ -34,6 +34,7 @@ import numpy as np
 
 from training.baselines import BASELINES, last_valid, rolling_mean, seasonal_naive
 from training.dataset import CHANNELS, Panel, panel_examples, sample_origins
+from training.fit import TrainingKnobs
 
 BUCKETS: dict[str, tuple[int, int]] = {"1h": (0, 3600), "6h": (3600, 6 * 3600), "24h": (6 * 3600, 24 * 3600)}
 METHODS = ("model", *BASELINES)
@@ -41,18 +42,13 @@ Progress = Callable[[str, float], None]  # (phase, fraction done)
 
 
 @dataclass(frozen=True)
-class BacktestConfig:
+class BacktestConfig(TrainingKnobs):
     """The knobs of one backtest (defaults keep a full Bitbrains run within minutes on 2 cores)."""
 
     train_frac: float = 0.65
     test_origin_every: int = 72  # 6 h of 5-min slots
     train_origin_every: int = 6  # 30 min
     max_train_rows: int = 200_000
-    n_estimators: int = 150
-    max_depth: int = 6
-    learning_rate: float = 0.1
-    default_mem_mb: float = 4096.0
-    seed: int = 0
     nthread: int | None = None
 
 

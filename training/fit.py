@@ -8,6 +8,7 @@ place that transform lives, and ``from_label`` also enforces q90 >= q50.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,18 @@ import numpy as np
 from gpu_kernels.features import FEATURE_NAMES, LABEL_BASE, LOG1P_TARGETS, QUANTILES, TARGETS, array_module
 
 _SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
+
+
+
+@dataclass(frozen=True)
+class TrainingKnobs:
+    """Booster size and data defaults shared by the backtest and the retrainer (one place to tune)."""
+
+    n_estimators: int = 150
+    max_depth: int = 6
+    learning_rate: float = 0.1
+    default_mem_mb: float = 4096.0  # memory size assumed where a trace has none (CPU-only traces)
+    seed: int = 0
 
 
 def to_label(y: Any, target: str) -> Any:

@@ -24,24 +24,20 @@ from typing import Any
 import numpy as np
 
 from training.dataset import Panel, SlotGrid, panel_examples, panel_from_grids, sample_origins
+from training.fit import TrainingKnobs
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 
 
 @dataclass(frozen=True)
-class RetrainConfig:
+class RetrainConfig(TrainingKnobs):
     n_workers: int = 2
     scheduler: str | None = None
     origin_every: int = 6
     max_rows: int = 200_000
-    n_estimators: int = 150
-    max_depth: int = 6
-    learning_rate: float = 0.1
     holdout_slots: int = 288
     vm_groups: int = 8
-    default_mem_mb: float = 4096.0
-    seed: int = 0
 
 
 @dataclass
