@@ -110,7 +110,13 @@ class Pipeline:
         reason = "first sight" if state is None else f"offset jump {state.next_offset} -> {first_offset}"
         started = time.monotonic()
         snap = await asyncio.to_thread(self.snapshots.load, partition)
-        store = WindowStore.restore(snap.arrays, xp=self.xp) if snap else self._new_store()
+        store = self._new_store()
+        if snap is not None:
+            try:
+                store = WindowStore.restore(snap.arrays, xp=self.xp)
+            except (KeyError, ValueError) as exc:  # another snapshot format: Kafka still has the data
+                log.warning("snapshot of partition %d unusable (%s): rebuilding from Kafka", partition, exc)
+                snap = None
         if snap and (store.n_slots != self.settings.window_slots or store.slot_s != self.settings.slot_s):
             log.warning("snapshot of partition %d has another window shape: rebuilding from Kafka", partition)
             store, snap = self._new_store(), None
@@ -177,7 +183,7 @@ class Pipeline:
             for p, rs in by_partition.items():
                 states[p].next_offset = max(states[p].next_offset, rs[-1].offset + 1)
             result.scored = sum(len(b) for b in scores)
-            self._observe(records, decoded, result, started, now)
+            self._observe(decoded, result, started)
             await self._maybe_snapshot()
         return result
 
@@ -293,14 +299,7 @@ class Pipeline:
             await self._maybe_snapshot(force=True)
 
     # ------------------------------------------------------------------ metrics
-    def _observe(
-        self,
-        records: Sequence[Record],
-        decoded: dict[int, DecodedBatch],
-        result: BatchResult,
-        started: float,
-        now: float,
-    ) -> None:
+    def _observe(self, decoded: dict[int, DecodedBatch], result: BatchResult, started: float) -> None:
         m = self.metrics
         if m is None:
             return
