@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.worker_process import free_port
+from app.services import free_port
 
 
 def find_prometheus() -> str | None:

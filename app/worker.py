@@ -108,7 +108,7 @@ def create_app(settings: Settings) -> faust.App:
             rt = runtime["rt"]
             _maybe_reload(rt)
             records = [
-                Record(e.message.partition, e.message.offset, e.message.key, e.message.value, e.message.timestamp)
+                Record(e.message.partition, e.message.offset, e.message.key, e.message.value)
                 for e in events
             ]
             await rt.pipeline.process(records)

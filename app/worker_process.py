@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from app.services import free_port
 from app.settings import ENV_PREFIX, Settings
 
 
@@ -25,12 +25,6 @@ def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict
     for f in fields(settings):
         env[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -65,23 +59,34 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}; log:\n{self.tail()}")
             try:
-                if 'zhuge_model_version_info{version="none"}' not in self.metrics_text():
+                if self.model_version() != "none":
                     return  # serving metrics and a model: ready to score
             except OSError:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"worker not serving a model on /metrics after {timeout}s; log:\n{self.tail()}")
 
-    def counter(self, name: str) -> float:
-        """Sum of a metric's samples (all labels) from /metrics."""
+    def _samples(self) -> list:  # type: ignore[type-arg]
         from prometheus_client.parser import text_string_to_metric_families
 
-        total = 0.0
-        for family in text_string_to_metric_families(self.metrics_text()):
-            for sample in family.samples:
-                if sample.name == name:
-                    total += sample.value
-        return total
+        return [s for family in text_string_to_metric_families(self.metrics_text()) for s in family.samples]
+
+    def metric_sums(self) -> dict[str, float]:
+        """Every sample name from /metrics with its values summed over labels."""
+        sums: dict[str, float] = {}
+        for sample in self._samples():
+            sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
+        return sums
+
+    def counter(self, name: str) -> float:
+        """Sum of a metric's samples (all labels) from /metrics."""
+        return self.metric_sums().get(name, 0.0)
+
+    def model_version(self) -> str:
+        """The version label of ``zhuge_model_version_info`` (``none`` before a model is loaded)."""
+        return next(
+            (s.labels["version"] for s in self._samples() if s.name == "zhuge_model_version_info" and s.value == 1), ""
+        )
 
     def kill9(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)

@@ -82,34 +82,6 @@ def producer_kwargs(settings: Any) -> dict[str, Any]:
     return kw
 
 
-async def ensure_topics(settings: Any, topics: Sequence[str]) -> None:
-    """Create missing topics (``app.topics.ensure_topics`` when the project has it)."""
-    try:
-        from app.topics import ensure_topics as project_ensure  # type: ignore[import-not-found]
-    except ImportError:
-        project_ensure = None
-    if project_ensure is not None:
-        res = project_ensure(settings, list(topics))
-        if asyncio.iscoroutine(res):
-            await res
-        return
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    admin = AIOKafkaAdminClient(**settings.aiokafka_kwargs())
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        new = [NewTopic(t, settings.topic_partitions, 1) for t in topics if t not in existing]
-        if new:
-            try:
-                await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        await admin.close()
-
-
 class Sender:
     """Enqueue records without awaiting each delivery; wait only when many are pending.
 
@@ -172,6 +144,7 @@ async def simulate(
     """Produce ``n_steps`` periods (None = until cancelled) of a seeded fleet to ``topic``."""
     from aiokafka import AIOKafkaProducer
 
+    from app.topics import ensure_topics
     from sim.fleet import FIELDS, Fleet
 
     await ensure_topics(settings, [topic])

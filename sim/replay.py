@@ -68,7 +68,8 @@ async def replay(
     """Send every row of the selected VMs once, in time order; returns the counts."""
     from aiokafka import AIOKafkaProducer
 
-    from sim.produce import Sender, encode_rows, ensure_topics, producer_kwargs
+    from app.topics import ensure_topics
+    from sim.produce import Sender, encode_rows, producer_kwargs
 
     topic = topic or settings.topic_metrics
     stats = ReplayStats()

@@ -43,7 +43,6 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes
-    timestamp_ms: int = 0
 
 
 @dataclass

@@ -15,6 +15,14 @@ import numpy as np
 from training.evaluate import BacktestResult, quality_ok
 
 
+def _save(plt: Any, fig: Any, out: Path, name: str) -> str:
+    """Lay out, write ``out/name`` and close a figure; returns the name."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=90)
+    plt.close(fig)
+    return name
+
+
 def _fmt(x: float) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
@@ -94,10 +102,7 @@ def _plots(result: BacktestResult, out: Path) -> list[str]:
             ax.set_ylabel("cpu %")
         axes[0, 0].legend(fontsize=7, ncol=5)
         axes[-1, 0].set_xlabel("slots from origin (5 min)")
-        fig.tight_layout()
-        fig.savefig(out / "forecasts.png", dpi=90)
-        plt.close(fig)
-        names.append("forecasts.png")
+        names.append(_save(plt, fig, out, "forecasts.png"))
     if result.abs_err_by_h:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for m, e in result.abs_err_by_h.items():
@@ -106,10 +111,7 @@ def _plots(result: BacktestResult, out: Path) -> list[str]:
         ax.set_xlabel("horizon (h)")
         ax.set_ylabel("MAE cpu %")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "error_by_horizon.png", dpi=90)
-        plt.close(fig)
-        names.append("error_by_horizon.png")
+        names.append(_save(plt, fig, out, "error_by_horizon.png"))
     if result.regret:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         data = [np.asarray(v) for v in result.regret.values()]
@@ -120,8 +122,5 @@ def _plots(result: BacktestResult, out: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("regret per origin (ms), clipped at p99")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "regret.png", dpi=90)
-        plt.close(fig)
-        names.append("regret.png")
+        names.append(_save(plt, fig, out, "regret.png"))
     return names

@@ -22,9 +22,8 @@ import pytest
 
 from app.prometheus import PrometheusProcess, PromQLError, find_prometheus, has_finite, sample_values
 from app.settings import Settings
-from app.topics import ensure_topics
 from app.worker_process import WorkerProcess
-from tests.integration.worker_support import produce
+from tests.integration.worker_support import isolated_worker_settings, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -108,14 +107,7 @@ def contract_messages(now: float) -> tuple[list[tuple[bytes, bytes]], list[tuple
 # --------------------------------------------------------------------- the test
 @pytest.fixture
 def worker_settings(unique_topics: Settings, tmp_path: Path) -> Settings:
-    settings = unique_topics.replace(
-        topic_partitions=2,
-        redis_prefix=f"t{unique_topics.consumer_group[-8:]}:",
-        snapshot_dir=str(tmp_path / "snapshots"),
-        batch_within_s=0.2,
-    )
-    asyncio.run(ensure_topics(settings, [settings.topic_metrics, settings.topic_dlq, settings.topic_scores], partitions=2))
-    return settings
+    return isolated_worker_settings(unique_topics, tmp_path, partitions=2, batch_within_s=0.2)
 
 
 def _total(prom: PrometheusProcess, metric: str) -> float:

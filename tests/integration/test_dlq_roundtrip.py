@@ -27,7 +27,7 @@ BAD = {
 async def roundtrip(settings):
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from sim.produce import ensure_topics
+    from app.topics import ensure_topics
 
     batch = decode_messages([v for v, _ in BAD.values()], keys=list(BAD), now=NOW)
     await ensure_topics(settings, [settings.topic_dlq])

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from app.settings import Settings
-from app.topics import ensure_topics
 from app.worker_process import WorkerProcess
 from tests.integration.worker_support import (
     assert_same_windows,
     assert_valid_score,
     bitbrains_messages,
+    isolated_worker_settings,
     newest_ts,
     produce,
     reference_windows,
@@ -36,17 +36,9 @@ ROWS_PER_VM = 400  # the last ~33 hours of each VM: more than one 24 h window
 
 @pytest.fixture
 def worker_settings(unique_topics: Settings, tmp_path: Path) -> Settings:
-    settings = unique_topics.replace(
-        topic_partitions=4,
-        redis_prefix=f"t{unique_topics.consumer_group[-8:]}:",
-        snapshot_dir=str(tmp_path / "snapshots"),
-        snapshot_every_s=1.0,
-        batch_within_s=0.2,
-        batch_max=500,
+    return isolated_worker_settings(
+        unique_topics, tmp_path, partitions=4, snapshot_every_s=1.0, batch_within_s=0.2, batch_max=500
     )
-    topics = [settings.topic_metrics, settings.topic_dlq, settings.topic_scores, settings.topic_migrations]
-    asyncio.run(ensure_topics(settings, topics, partitions=4))
-    return settings
 
 
 def _wait_processed(worker: WorkerProcess, samples: int, timeout_s: float = 60.0) -> None:
@@ -153,12 +145,12 @@ def test_running_worker_swaps_to_a_published_model_and_refuses_a_corrupt_one(
     worker = WorkerProcess.start(settings, tmp_path / "worker.log", ready_timeout=120)
     try:
         first = store.latest_version()
-        assert worker_model(worker) == first
+        assert worker.model_version() == first
 
         challenger = bootstrap_model(settings)
         published = store.publish(challenger, now=time.time() + 1)
         notify_new_version(settings, published)
-        wait_until(lambda: worker_model(worker) == published, f"worker never swapped to {published}", worker)
+        wait_until(lambda: worker.model_version() == published, f"worker never swapped to {published}", worker)
         asyncio.run(produce(settings, messages))
         hashes = wait_for_scores(settings, newest_ts(messages))
         assert {h["model"] for h in hashes.values()} == {published}
@@ -168,20 +160,10 @@ def test_running_worker_swaps_to_a_published_model_and_refuses_a_corrupt_one(
         model_file.write_bytes(model_file.read_bytes()[:-16] + b"\0" * 16)
         notify_new_version(settings, corrupt)
         wait_until(lambda: worker.counter("zhuge_model_rejected_total") >= 1, "corrupt model not refused", worker)
-        assert worker_model(worker) == published
+        assert worker.model_version() == published
         assert worker.proc.poll() is None, "the worker must keep running"
     finally:
         assert worker.stop() == 0, worker.tail()
-
-
-def worker_model(worker: WorkerProcess) -> str:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(worker.metrics_text()):
-        for sample in family.samples:
-            if sample.name == "zhuge_model_version_info" and sample.value == 1:
-                return sample.labels["version"]
-    return ""
 
 
 def wait_until(predicate, message: str, worker: WorkerProcess, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]

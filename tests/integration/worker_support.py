@@ -25,6 +25,21 @@ BITBRAINS = DATA / "bitbrains-rnd-2013-08"
 CONTRACT_FIELDS = ("host", *METRICS)
 
 
+def isolated_worker_settings(unique_topics: Settings, tmp_path: Path, partitions: int, **overrides: object) -> Settings:
+    """Settings for one test's workers: own topics (created), Redis prefix and snapshot dir."""
+    from app.topics import ensure_topics
+
+    settings = unique_topics.replace(
+        topic_partitions=partitions,
+        redis_prefix=f"t{unique_topics.consumer_group[-8:]}:",
+        snapshot_dir=str(tmp_path / "snapshots"),
+        **overrides,
+    )
+    topics = [settings.topic_metrics, settings.topic_dlq, settings.topic_scores, settings.topic_migrations]
+    asyncio.run(ensure_topics(settings, topics, partitions=partitions))
+    return settings
+
+
 def bitbrains_messages(vms: str, last_rows: int) -> list[tuple[bytes, bytes]]:
     """The last ``last_rows`` samples of each selected Bitbrains VM as contract messages, in time order."""
     if not BITBRAINS.exists():
