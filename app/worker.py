@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,7 +172,7 @@ def _maybe_reload(rt: WorkerRuntime) -> None:
     new = rt.watcher.maybe_reload()
     if new is not None:
         log.info("model swapped to %s without restart", new.version)
-        rt.metrics.set_model(new.version, getattr(new, "created", time.time()))
+        rt.metrics.set_model(new.version, new.created)
 
 
 async def _start_runtime(settings: Settings) -> WorkerRuntime:
@@ -204,7 +203,7 @@ async def _start_runtime(settings: Settings) -> WorkerRuntime:
     log.info("serving model %s on device %s", model.version, device)
     watcher = ModelWatcher(settings, store, model, metrics=metrics)
     await watcher.start()
-    metrics.set_model(model.version, getattr(model, "created", time.time()))
+    metrics.set_model(model.version, model.created)
 
     redis = settings.redis_client()
     producer = AIOKafkaProducer(**settings.aiokafka_kwargs(), linger_ms=5, max_batch_size=1 << 20)
