@@ -151,15 +151,16 @@ def run_bench(
         del win, attrs
         scale = vms / n_timed
         wall_full = wall * scale
+        vms_per_s = vms / wall_full
         result.runs.append(
             DeviceTiming(
                 device=d,
                 engine=engine_name(d),
                 vms=vms,
                 wall_s=wall_full,
-                vms_per_s=vms / wall_full,
-                slot_predictions_per_s=vms * settings.horizon_slots / wall_full,
-                model_rows_per_s=vms * H / wall_full,
+                vms_per_s=vms_per_s,
+                slot_predictions_per_s=vms_per_s * settings.horizon_slots,  # derived: one rounding, as reported
+                model_rows_per_s=vms_per_s * H,
                 extrapolated_from=n_timed if n_timed != vms else None,
             )
         )
