@@ -89,7 +89,7 @@ def fit_model(panel: Panel, end: int, settings: Any, cfg: BacktestConfig, *, das
         X, Y = X[keep], Y[keep]
     boosters = fit_forecaster(
         X, Y, n_estimators=cfg.n_estimators, max_depth=cfg.max_depth, learning_rate=cfg.learning_rate,
-        device="cpu", dask_client=dask_client, nthread=cfg.nthread,
+        device="cpu", dask_client=dask_client, nthread=cfg.nthread, seed=cfg.seed,
     )  # fmt: skip
     first = panel.first_slot * slot_s
     return ForecastModel(

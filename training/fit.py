@@ -1,9 +1,12 @@
-"""Fit the quantile forecaster: one multi-quantile XGBoost booster per target.
+"""Fit the quantile forecaster: one multi-quantile XGBoost booster per target and horizon band.
 
 Shared by the bootstrap model, evaluation and retraining so every model is fitted
-the same way. Labels use the features' scale (log1p for heavy-tailed rates, see
-``gpu_kernels.features.LOG1P_TARGETS``); ``to_label`` / ``from_label`` are the one
-place that transform lives, and ``from_label`` also enforces q90 >= q50.
+the same way. Each booster is global over VMs; rows are routed to a band by their
+``horizon_h`` feature (``band_of``), so near, middle and far horizons get trees of
+their own and a depth of their own (``BAND_DEPTHS``). Labels use the features' scale
+(log1p for heavy-tailed rates, see ``gpu_kernels.features.LOG1P_TARGETS``);
+``to_label`` / ``from_label`` are the one place that transform lives, and
+``from_label`` also enforces q90 >= q50.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from gpu_kernels.features import FEATURE_NAMES, LABEL_BASE, LOG1P_TARGETS, QUANT
 
 _SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
 
+#: Upper edges (hours) of the horizon bands but the last: (0, 1 h], (1 h, 6 h], (6 h, ...).
+BAND_EDGES_H: tuple[float, ...] = (1.0, 6.0)
+#: Tree depth per band. Shallower beyond 1 h: on Bitbrains, depth-6 trees there learned how long
+#: the training weeks' batch bursts lasted and lost to persistence when the bursts got longer
+#: (1-6 h), or swung with the seed by 9 % (> 6 h); README "Horizon bands" has the runs.
+BAND_DEPTHS: tuple[int, ...] = (6, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -24,7 +33,7 @@ class TrainingKnobs:
     """Booster size and data defaults shared by the backtest and the retrainer (one place to tune)."""
 
     n_estimators: int = 150
-    max_depth: int = 6
+    max_depth: tuple[int, ...] = BAND_DEPTHS
     learning_rate: float = 0.1
     default_mem_mb: float = 4096.0  # memory size assumed where a trace has none (CPU-only traces)
     seed: int = 0
@@ -60,8 +69,28 @@ def from_label(q: Any, target: str, offset: Any = None) -> Any:
     return out
 
 
-def booster_params(max_depth: int, learning_rate: float, device: str, nthread: int | None = None) -> dict[str, Any]:
+def band_of(X: Any, edges_h: tuple[float, ...] = BAND_EDGES_H) -> Any:
+    """Band index of every row of ``X`` from its ``horizon_h`` feature (NumPy, CuPy or Dask);
+    an edge belongs to the band below it, like the evaluation buckets (0, 1 h], (1 h, 6 h]."""
+    h = X[:, FEATURE_NAMES.index("horizon_h")]
+    band = (h > np.inf).astype("int8")  # zeros, on whatever backend h lives
+    for edge in edges_h:
+        band = band + (h > edge).astype("int8")
+    return band
+
+
+def _depths(max_depth: int | tuple[int, ...], n_bands: int) -> tuple[int, ...]:
+    depths = (max_depth,) * n_bands if isinstance(max_depth, int) else tuple(max_depth)
+    if len(depths) != n_bands:
+        raise ValueError(f"max_depth gives {len(depths)} depths for {n_bands} horizon bands")
+    return depths
+
+
+def booster_params(
+    max_depth: int, learning_rate: float, device: str, nthread: int | None = None, seed: int = 0
+) -> dict[str, Any]:
     params: dict[str, Any] = {
+        "seed": seed,
         "objective": "reg:quantileerror",
         "quantile_alpha": np.asarray(QUANTILES),
         "tree_method": "hist",
@@ -82,16 +111,20 @@ def fit_forecaster(
     Y: Any,
     *,
     n_estimators: int = 200,
-    max_depth: int = 6,
+    max_depth: int | tuple[int, ...] = BAND_DEPTHS,
     learning_rate: float = 0.1,
     device: str = "cpu",
     dask_client: Any = None,
     nthread: int | None = None,
-) -> dict[str, Any]:
-    """``X (n, F)`` features, ``Y (n, len(TARGETS))`` raw targets (NaN = unknown) -> ``{target: Booster}``.
+    band_edges_h: tuple[float, ...] = BAND_EDGES_H,
+    seed: int = 0,
+) -> dict[str, list[Any]]:
+    """``X (n, F)`` features, ``Y (n, len(TARGETS))`` raw targets (NaN = unknown) ->
+    ``{target: [Booster per horizon band]}``.
 
-    Rows with an unknown label are dropped per target. With ``dask_client``, ``X`` and ``Y``
-    may be Dask arrays (or NumPy/CuPy, then chunked) and training runs through ``xgboost.dask``.
+    ``max_depth`` is one depth or one per band. Rows with an unknown label are dropped per
+    target. With ``dask_client``, ``X`` and ``Y`` may be Dask arrays (or NumPy/CuPy, then
+    chunked) and training runs through ``xgboost.dask``.
     """
     import xgboost as xgb
 
@@ -99,28 +132,38 @@ def fit_forecaster(
         raise ValueError(f"X has {X.shape[1]} features, the feature spec has {len(FEATURE_NAMES)}")
     if Y.shape[1] != len(TARGETS) or Y.shape[0] != X.shape[0]:
         raise ValueError(f"Y must be (n={X.shape[0]}, {len(TARGETS)}) {TARGETS}, got {Y.shape}")
-    params = booster_params(max_depth, learning_rate, device, nthread)
-    boosters: dict[str, Any] = {}
+    depths = _depths(max_depth, len(band_edges_h) + 1)
+    band = band_of(X, band_edges_h)
+    boosters: dict[str, list[Any]] = {}
     for j, target in enumerate(TARGETS):
-        if dask_client is not None:
-            boosters[target] = _fit_dask(xgb, dask_client, X, Y[:, j], target, params, n_estimators)
-            continue
-        y = Y[:, j]
-        xp = array_module(y)
-        keep = ~xp.isnan(y)
-        if int(keep.sum()) == 0:
-            raise ValueError(f"no known label for target {target!r}")
-        dtrain = xgb.QuantileDMatrix(
-            X[keep],
-            label=to_label(y[keep], target) - label_offset(X[keep], target),
-            feature_names=list(FEATURE_NAMES),
-            max_bin=params["max_bin"],
-        )
-        boosters[target] = xgb.train(params, dtrain, num_boost_round=n_estimators)
+        boosters[target] = []
+        for b, depth in enumerate(depths):
+            params = booster_params(depth, learning_rate, device, nthread, seed)
+            if dask_client is not None:
+                booster = _fit_dask(xgb, dask_client, X, Y[:, j], band == b, target, params, n_estimators)
+            else:
+                booster = _fit_local(xgb, X, Y[:, j], band == b, target, params, n_estimators)
+            boosters[target].append(booster)
     return boosters
 
 
-def _fit_dask(xgb: Any, client: Any, X: Any, y: Any, target: str, params: dict[str, Any], rounds: int) -> Any:
+def _fit_local(xgb: Any, X: Any, y: Any, in_band: Any, target: str, params: dict[str, Any], rounds: int) -> Any:
+    xp = array_module(y)
+    keep = ~xp.isnan(y) & in_band
+    if int(keep.sum()) == 0:
+        raise ValueError(f"no known label for target {target!r} in one of the horizon bands")
+    dtrain = xgb.QuantileDMatrix(
+        X[keep],
+        label=to_label(y[keep], target) - label_offset(X[keep], target),
+        feature_names=list(FEATURE_NAMES),
+        max_bin=params["max_bin"],
+    )
+    return xgb.train(params, dtrain, num_boost_round=rounds)
+
+
+def _fit_dask(
+    xgb: Any, client: Any, X: Any, y: Any, in_band: Any, target: str, params: dict[str, Any], rounds: int
+) -> Any:
     import dask.array as da
     import xgboost.dask as dxgb
 
@@ -128,7 +171,9 @@ def _fit_dask(xgb: Any, client: Any, X: Any, y: Any, target: str, params: dict[s
         X = da.from_array(X, chunks=(max(1, X.shape[0] // max(1, len(client.nthreads()))), X.shape[1]))
     if not isinstance(y, da.Array):
         y = da.from_array(y, chunks=(X.chunks[0],))
-    keep = ~da.isnan(y)
+    if not isinstance(in_band, da.Array):
+        in_band = da.from_array(in_band, chunks=(X.chunks[0],))
+    keep = ~da.isnan(y) & in_band
     Xk = X[keep]
     yk = to_label(y[keep], target) - label_offset(Xk, target)
     Xk.compute_chunk_sizes()
@@ -140,17 +185,30 @@ def _fit_dask(xgb: Any, client: Any, X: Any, y: Any, target: str, params: dict[s
     return out["booster"]
 
 
-def predict_boosters(boosters: dict[str, Any], X: Any, device: str | None = None) -> Any:
-    """``{target: Booster}`` -> ``(n, len(TARGETS), len(QUANTILES))`` float32 raw-scale quantiles on X's device.
+def predict_boosters(
+    boosters: dict[str, list[Any]], X: Any, device: str | None = None, band_edges_h: tuple[float, ...] = BAND_EDGES_H
+) -> Any:
+    """``{target: [Booster per band]}`` -> ``(n, len(TARGETS), len(QUANTILES))`` float32 raw-scale
+    quantiles on X's device; each row goes to its horizon band's booster.
 
     ``device`` ('cpu' or 'gpu') defaults to where ``X`` lives.
     """
     xp = array_module(X)
     device = device or ("cpu" if xp is np else "gpu")
-    out = xp.empty((X.shape[0], len(TARGETS), len(QUANTILES)), dtype=xp.float32)
+    n = X.shape[0]
+    band = band_of(X, band_edges_h)
+    rows = [xp.flatnonzero(band == b) for b in range(len(band_edges_h) + 1)]
+    out = xp.empty((n, len(TARGETS), len(QUANTILES)), dtype=xp.float32)
     for j, target in enumerate(TARGETS):
-        raw = _raw_predict(boosters[target], X, device)
-        raw = xp.asarray(raw, dtype=xp.float32).reshape(X.shape[0], len(QUANTILES))
+        if len(boosters[target]) != len(rows):
+            raise ValueError(f"{target}: {len(boosters[target])} boosters for {len(rows)} horizon bands")
+        raw = xp.empty((n, len(QUANTILES)), dtype=xp.float32)
+        for booster, idx in zip(boosters[target], rows):
+            if idx.size == n:  # one band holds every row: no gather copy
+                raw[:] = xp.asarray(_raw_predict(booster, X, device), dtype=xp.float32).reshape(n, len(QUANTILES))
+            elif idx.size:
+                part = _raw_predict(booster, X[idx], device)
+                raw[idx] = xp.asarray(part, dtype=xp.float32).reshape(idx.size, len(QUANTILES))
         out[:, j, :] = from_label(raw, target, label_offset(X, target))
     return out
 

@@ -1,8 +1,9 @@
 """The forecast model in service: XGBoost boosters + the manifest that makes them trustworthy.
 
-Artifacts are one XGBoost UBJ file per target plus ``manifest.json`` (version,
-feature-spec hash, horizon grid, slot length, targets, quantiles, training range,
-metrics, creation time, sha256 of every file). Loading verifies all of it and
+Artifacts are one XGBoost UBJ file per target and horizon band plus ``manifest.json``
+(version, feature-spec hash, horizon grid, band edges, slot length, targets, quantiles,
+training range, metrics, creation time, sha256 of every file). Format 1 (one booster
+per target, no bands) still loads as a single band. Loading verifies all of it and
 raises ``ModelRejected`` rather than serving a model that could silently compute
 the wrong thing. No pickle anywhere.
 """
@@ -19,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from gpu_kernels.features import FEATURE_NAMES, FEATURE_SPEC_HASH, QUANTILES, TARGETS
+from training.fit import BAND_EDGES_H
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = frozenset({1, FORMAT_VERSION})
 #: Sparse horizon grid (slots of 5 min): dense near term, coarser far out; the scorer interpolates.
 BASE_HORIZONS: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 12, 18, 24, 36, 48, 72, 96, 144, 192, 240, 288)
 #: Feature-spec hashes this build can compute; a model built on anything else is refused.
@@ -48,18 +51,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_name(target: str) -> str:
-    return f"{target}.ubj"
+def _file_name(target: str, band: int, n_bands: int) -> str:
+    return f"{target}.ubj" if n_bands == 1 else f"{target}.band{band}.ubj"
 
 
 @dataclass
 class ForecastModel:
-    """Quantile forecaster over ``FEATURE_NAMES`` rows -> ``(n, len(TARGETS), len(QUANTILES))``."""
+    """Quantile forecaster over ``FEATURE_NAMES`` rows -> ``(n, len(TARGETS), len(QUANTILES))``.
+
+    ``boosters[target]`` holds one booster per horizon band (``band_edges_h``, see ``training.fit``).
+    """
 
     version: str
-    boosters: dict[str, Any]
+    boosters: dict[str, list[Any]]
     horizons: np.ndarray
     slot_s: int
+    band_edges_h: tuple[float, ...] = BAND_EDGES_H
     feature_hash: str = FEATURE_SPEC_HASH
     targets: tuple[str, ...] = TARGETS
     quantiles: tuple[float, ...] = QUANTILES
@@ -72,6 +79,14 @@ class ForecastModel:
         missing = [t for t in self.targets if t not in self.boosters]
         if missing:
             raise ValueError(f"no booster for targets {missing}")
+        self.band_edges_h = tuple(float(e) for e in self.band_edges_h)
+        for t in self.targets:
+            if len(self.boosters[t]) != self.n_bands:
+                raise ValueError(f"{t}: {len(self.boosters[t])} boosters for {self.n_bands} horizon bands")
+
+    @property
+    def n_bands(self) -> int:
+        return len(self.band_edges_h) + 1
 
     def predict(self, X: Any, device: str | None = None) -> Any:
         """Raw-scale quantiles ``(n, 3, 2)`` float32 on ``X``'s device; q90 >= q50 >= 0.
@@ -83,7 +98,7 @@ class ForecastModel:
 
         if X.shape[1] != len(FEATURE_NAMES):
             raise ValueError(f"X has {X.shape[1]} columns, the model expects {len(FEATURE_NAMES)} features")
-        return predict_boosters(self.boosters, X, device)
+        return predict_boosters(self.boosters, X, device, self.band_edges_h)
 
     # --- artifacts -------------------------------------------------------------
     def manifest(self, files: dict[str, str]) -> dict[str, Any]:
@@ -93,6 +108,7 @@ class ForecastModel:
             "feature_hash": self.feature_hash,
             "feature_names": list(FEATURE_NAMES),
             "horizons": [int(h) for h in self.horizons],
+            "band_edges_h": list(self.band_edges_h),
             "slot_s": int(self.slot_s),
             "targets": list(self.targets),
             "quantiles": list(self.quantiles),
@@ -104,7 +120,11 @@ class ForecastModel:
 
     def artifact_bytes(self) -> dict[str, bytes]:
         """File name -> bytes, the manifest last (it seals the others by checksum)."""
-        blobs = {_file_name(t): bytes(self.boosters[t].save_raw("ubj")) for t in self.targets}
+        blobs = {
+            _file_name(t, b, self.n_bands): bytes(booster.save_raw("ubj"))
+            for t in self.targets
+            for b, booster in enumerate(self.boosters[t])
+        }
         files = {name: _sha256(data) for name, data in blobs.items()}
         blobs[MANIFEST] = json.dumps(self.manifest(files), indent=1, sort_keys=True).encode()
         return blobs
@@ -142,30 +162,18 @@ class ForecastModel:
         except ValueError as exc:
             raise ModelRejected(f"{url}: {MANIFEST} is not valid JSON ({exc})") from exc
         _check_manifest(man, url, frozenset(known_hashes), slot_s)
-        import xgboost as xgb
-
-        boosters: dict[str, Any] = {}
-        for target in man["targets"]:
-            name = _file_name(target)
-            try:
-                data = fs.cat_file(f"{root}/{name}")
-            except FileNotFoundError as exc:
-                raise ModelRejected(f"{url}: missing {name}") from exc
-            if _sha256(data) != man["files"].get(name):
-                raise ModelRejected(f"{url}: checksum mismatch for {name} (corrupt or tampered)")
-            booster = xgb.Booster()
-            try:
-                booster.load_model(bytearray(data))
-            except xgb.core.XGBoostError as exc:
-                raise ModelRejected(f"{url}: {name} is not a loadable XGBoost model ({exc})") from exc
-            if booster.num_features() != len(FEATURE_NAMES):
-                raise ModelRejected(f"{url}: {name} expects {booster.num_features()} features, not {len(FEATURE_NAMES)}")
-            boosters[target] = booster
+        edges = tuple(float(e) for e in man.get("band_edges_h", ()))
+        n_bands = len(edges) + 1
+        boosters = {
+            target: [_load_booster(fs, root, url, _file_name(target, b, n_bands), man["files"]) for b in range(n_bands)]
+            for target in man["targets"]
+        }
         tr = man.get("training_range")
         return cls(
             version=man["version"],
             boosters=boosters,
             horizons=np.asarray(man["horizons"], dtype=np.int64),
+            band_edges_h=edges,
             slot_s=int(man["slot_s"]),
             feature_hash=man["feature_hash"],
             targets=tuple(man["targets"]),
@@ -176,9 +184,29 @@ class ForecastModel:
         )
 
 
+def _load_booster(fs: Any, root: str, url: str, name: str, checksums: dict[str, str]) -> Any:
+    """One verified booster file (checksum, loadable, feature count) or ``ModelRejected``."""
+    import xgboost as xgb
+
+    try:
+        data = fs.cat_file(f"{root}/{name}")
+    except FileNotFoundError as exc:
+        raise ModelRejected(f"{url}: missing {name}") from exc
+    if _sha256(data) != checksums.get(name):
+        raise ModelRejected(f"{url}: checksum mismatch for {name} (corrupt or tampered)")
+    booster = xgb.Booster()
+    try:
+        booster.load_model(bytearray(data))
+    except xgb.core.XGBoostError as exc:
+        raise ModelRejected(f"{url}: {name} is not a loadable XGBoost model ({exc})") from exc
+    if booster.num_features() != len(FEATURE_NAMES):
+        raise ModelRejected(f"{url}: {name} expects {booster.num_features()} features, not {len(FEATURE_NAMES)}")
+    return booster
+
+
 def _check_manifest(man: dict[str, Any], url: str, known: frozenset[str], slot_s: int | None) -> None:
-    if man.get("format") != FORMAT_VERSION:
-        raise ModelRejected(f"{url}: manifest format {man.get('format')!r}, this build reads {FORMAT_VERSION}")
+    if man.get("format") not in READABLE_FORMATS:
+        raise ModelRejected(f"{url}: manifest format {man.get('format')!r}, this build reads {sorted(READABLE_FORMATS)}")
     for key in ("version", "feature_hash", "horizons", "slot_s", "targets", "quantiles", "files"):
         if key not in man:
             raise ModelRejected(f"{url}: manifest lacks {key!r}")
@@ -192,5 +220,11 @@ def _check_manifest(man: dict[str, Any], url: str, known: frozenset[str], slot_s
     h = np.asarray(man["horizons"])
     if h.ndim != 1 or h.size == 0 or not np.issubdtype(h.dtype, np.integer) or (h < 1).any() or (np.diff(h) <= 0).any():
         raise ModelRejected(f"{url}: horizons must be increasing positive slot counts, got {man['horizons']}")
+    edges = man.get("band_edges_h", [])
+    if man["format"] == 1 and edges:
+        raise ModelRejected(f"{url}: a format-1 manifest cannot have horizon bands")
+    numeric = isinstance(edges, list) and all(isinstance(e, (int, float)) and e > 0 for e in edges)
+    if not numeric or (np.diff(edges) <= 0).any():
+        raise ModelRejected(f"{url}: band_edges_h must be increasing positive hours, got {edges!r}")
     if slot_s is not None and int(man["slot_s"]) != int(slot_s):
         raise ModelRejected(f"{url}: model slot is {man['slot_s']} s, this worker uses {slot_s} s")

@@ -213,7 +213,7 @@ def retrain_once(
     tic = time.perf_counter()
     boosters = fit_forecaster(
         X, Y, n_estimators=cfg.n_estimators, max_depth=cfg.max_depth, learning_rate=cfg.learning_rate,
-        device="gpu" if _cluster_has_gpu(client) else "cpu", dask_client=client,
+        device="gpu" if _cluster_has_gpu(client) else "cpu", dask_client=client, seed=cfg.seed,
     )  # fmt: skip
     t["fit_s"] = time.perf_counter() - tic
     first = panel.first_slot * settings.slot_s

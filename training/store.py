@@ -29,7 +29,8 @@ def new_version(model: ForecastModel, now: float | None = None) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
     h = hashlib.sha256()
     for t in model.targets:
-        h.update(bytes(model.boosters[t].save_raw("ubj")))
+        for booster in model.boosters[t]:
+            h.update(bytes(booster.save_raw("ubj")))
     return f"{stamp}-{h.hexdigest()[:8]}"
 
 

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import typer
 
 from app.context import settings_of
+from training.fit import BAND_DEPTHS
 
 log = logging.getLogger(__name__)
 FORMATS = ("bitbrains", "azure", "planetlab")
@@ -20,6 +21,17 @@ def _progress(console: Any) -> Any:
 
     return Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                     TimeElapsedColumn(), console=console, transient=True)  # fmt: skip
+
+
+def _parse_depths(text: str) -> int | tuple[int, ...]:
+    """``"6,3,6"`` -> (6, 3, 6); ``"6"`` -> 6 (every band)."""
+    try:
+        depths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"depths must be integers separated by commas, got {text!r}") from None
+    if any(d < 1 for d in depths):
+        raise typer.BadParameter(f"depths must be >= 1, got {text!r}")
+    return depths[0] if len(depths) == 1 else depths
 
 
 def _check_format(fmt: str) -> str:
@@ -43,6 +55,10 @@ def register(cli: typer.Typer) -> None:
         origin_every_h: float = typer.Option(6.0, help="hours between test origins"),
         max_train_rows: int = typer.Option(200_000, help="training rows (random subsample above this)"),
         trees: int = typer.Option(150, help="boosting rounds"),
+        depths: str = typer.Option(
+            ",".join(map(str, BAND_DEPTHS)), help="tree depth per horizon band (<=1 h, 1-6 h, >6 h), or one depth"
+        ),
+        seed: int = typer.Option(0, help="seed of the training-origin phase, row subsample and trees"),
     ) -> None:
         """Rolling-origin backtest of the forecaster vs naive baselines, with window regret."""
         from rich.console import Console
@@ -59,6 +75,8 @@ def register(cli: typer.Typer) -> None:
             test_origin_every=max(1, int(round(origin_every_h * 3600 / settings.slot_s))),
             max_train_rows=max_train_rows,
             n_estimators=trees,
+            max_depth=_parse_depths(depths),
+            seed=seed,
         )
         try:
             with _progress(console) as prog:

@@ -7,24 +7,14 @@ import asyncio
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from app.model_watch import ModelWatcher, notify_new_version
 from app.settings import Settings
-from gpu_kernels.features import FEATURE_NAMES
-from training.fit import fit_forecaster
-from training.model import ForecastModel, default_horizons
+from tests.model_support import tiny_model
 from training.store import ModelStore
 
 pytestmark = pytest.mark.integration
-
-
-def tiny_model(seed: int) -> ForecastModel:
-    rng = np.random.default_rng(seed)
-    X = rng.random((200, len(FEATURE_NAMES)), dtype=np.float32)
-    Y = (rng.random((200, 3)) * 10).astype(np.float32)
-    return ForecastModel("draft", fit_forecaster(X, Y, n_estimators=2, max_depth=2, nthread=1), default_horizons(288), 300)
 
 
 class Counter:
@@ -67,7 +57,7 @@ async def test_pubsub_announcement_triggers_reload_and_refusal(services: Setting
         assert new is not None and new.version == second and watcher.current() is new
 
         bad = store.publish(tiny_model(2), now=time.time() + 2)
-        f = Path(settings.model_store) / bad / "cpu_pct.ubj"
+        f = Path(settings.model_store) / bad / "cpu_pct.band0.ubj"
         f.write_bytes(b"\0" + f.read_bytes()[1:])
         notify_new_version(settings, bad)
         assert await _until(lambda: metrics.model_rejected.value == 1)

@@ -71,3 +71,13 @@ def test_evaluate_on_five_bitbrains_vms_prints_one_json_object():
     assert 0.0 <= out["coverage_q90"] <= 1.0
     assert set(out["regret_ms"]) == {"model", "now", "seasonal"}
     assert all(v >= 0 for v in out["regret_ms"].values())
+
+
+@pytest.mark.parametrize("depths", ["6,x", "6,0,6"])
+def test_evaluate_refuses_bad_depths_before_reading_the_trace(depths: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path), "--format", "bitbrains", "--depths", depths])
+    assert res.exit_code == 2 and "depths must be" in res.output

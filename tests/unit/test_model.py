@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gpu_kernels.features import FEATURE_NAMES, FEATURE_SPEC_HASH, TARGETS
+from tests.model_support import on_horizon_grid
 from training.fit import fit_forecaster, from_label
 from training.model import ForecastModel, ModelRejected, default_horizons
 
@@ -18,7 +19,7 @@ F = len(FEATURE_NAMES)
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Targets driven by two features with noise whose spread also depends on a feature."""
     rng = np.random.default_rng(seed)
-    X = rng.random((n, F), dtype=np.float32)
+    X = on_horizon_grid(rng.random((n, F), dtype=np.float32), rng)
     X[rng.random((n, F)) < 0.05] = np.nan  # gaps, as real windows have
     base = np.nan_to_num(X[:, 0]) * 50 + np.nan_to_num(X[:, 1]) * 20
     noise = rng.normal(0, 1, (n, 3)) * (2 + 8 * np.nan_to_num(X[:, [2]]))
@@ -71,17 +72,18 @@ def test_save_load_roundtrip_predicts_identically(model: ForecastModel, tmp_path
     np.testing.assert_array_equal(loaded.horizons, model.horizons)
     assert loaded.slot_s == 300 and loaded.training_range == (0, 86400) and loaded.metrics == {"mae": 1.5}
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {f"{t}.ubj" for t in TARGETS}
+    assert set(manifest["files"]) == {f"{t}.band{b}.ubj" for t in TARGETS for b in range(3)}
+    assert manifest["band_edges_h"] == [1.0, 6.0] and manifest["format"] == 2
     assert not list((tmp_path / "m").glob("*.pkl"))
 
 
 def test_tampered_booster_is_rejected(model: ForecastModel, tmp_path: Path) -> None:
     model.save(str(tmp_path))
-    f = tmp_path / "net_mbps.ubj"
+    f = tmp_path / "net_mbps.band1.ubj"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(ModelRejected, match="checksum mismatch for net_mbps.ubj"):
+    with pytest.raises(ModelRejected, match="checksum mismatch for net_mbps.band1.ubj"):
         ForecastModel.load(str(tmp_path))
 
 
@@ -116,18 +118,72 @@ def test_incompatible_slot_or_horizons_are_rejected(model: ForecastModel, tmp_pa
         ForecastModel.load(str(tmp_path))
 
 
+@pytest.mark.parametrize("edges", [[6.0, 1.0], ["1h"], 1.0])
+def test_bad_band_edges_are_rejected(model: ForecastModel, tmp_path: Path, edges: object) -> None:
+    model.save(str(tmp_path))
+    _edit_manifest(tmp_path, band_edges_h=edges)
+    with pytest.raises(ModelRejected, match="band_edges_h"):
+        ForecastModel.load(str(tmp_path))
+
+
 def test_a_valid_checksum_over_a_non_model_file_is_still_rejected(model: ForecastModel, tmp_path: Path) -> None:
     """An attacker (or a bug) rewriting both the file and its checksum must not crash the worker."""
     import hashlib
 
     model.save(str(tmp_path))
     junk = b"not a model"
-    (tmp_path / "cpu_pct.ubj").write_bytes(junk)
+    (tmp_path / "cpu_pct.band2.ubj").write_bytes(junk)
     m = json.loads((tmp_path / "manifest.json").read_text())
-    m["files"]["cpu_pct.ubj"] = hashlib.sha256(junk).hexdigest()
+    m["files"]["cpu_pct.band2.ubj"] = hashlib.sha256(junk).hexdigest()
     (tmp_path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ModelRejected, match="cpu_pct.ubj"):
+    with pytest.raises(ModelRejected, match="cpu_pct.band2.ubj"):
         ForecastModel.load(str(tmp_path))
+
+
+def test_each_row_is_predicted_by_its_horizon_bands_booster(model: ForecastModel) -> None:
+    """Rows at 30 min, 3 h and 12 h ahead go to the near, middle and far boosters."""
+    from training.fit import band_of, label_offset
+
+    X, _ = synthetic(300, seed=5)
+    hcol = FEATURE_NAMES.index("horizon_h")
+    X[:100, hcol], X[100:200, hcol], X[200:, hcol] = 0.5, 3.0, 12.0
+    np.testing.assert_array_equal(band_of(X), np.repeat([0, 1, 2], 100))
+    P = model.predict(X)
+    for band, rows in enumerate((slice(0, 100), slice(100, 200), slice(200, 300))):
+        raw = model.boosters["cpu_pct"][band].inplace_predict(X[rows]).reshape(-1, 2)
+        np.testing.assert_allclose(P[rows, 0, 0], np.maximum(raw[:, 0] + label_offset(X[rows], "cpu_pct"), 0), rtol=1e-6)
+
+
+def test_band_edges_are_hour_boundaries_inclusive_above() -> None:
+    from training.fit import band_of
+
+    X = np.zeros((5, F), np.float32)
+    X[:, FEATURE_NAMES.index("horizon_h")] = [1 / 12, 1.0, 1.5, 6.0, 24.0]
+    assert band_of(X).tolist() == [0, 0, 1, 1, 2]
+
+
+def test_a_format_one_model_loads_as_a_single_band(tmp_path: Path) -> None:
+    """Stores written before horizon bands keep serving after an upgrade."""
+    X, Y = synthetic(1000, seed=6)
+    one = ForecastModel("old", fit_forecaster(X, Y, n_estimators=5, max_depth=3, nthread=1, band_edges_h=()), default_horizons(288), 300, band_edges_h=())
+    one.save(str(tmp_path))
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(m["files"]) == {f"{t}.ubj" for t in TARGETS}
+    del m["band_edges_h"]
+    m["format"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    loaded = ForecastModel.load(str(tmp_path))
+    assert loaded.n_bands == 1
+    np.testing.assert_array_equal(loaded.predict(X), one.predict(X))
+
+
+def test_band_count_must_match_the_boosters() -> None:
+    X, Y = synthetic(1000, seed=7)
+    boosters = fit_forecaster(X, Y, n_estimators=2, max_depth=2, nthread=1)
+    with pytest.raises(ValueError, match="3 boosters for 1 horizon bands"):
+        ForecastModel("bad", boosters, default_horizons(288), 300, band_edges_h=())
+    with pytest.raises(ValueError, match="3 depths for 2 horizon bands"):
+        fit_forecaster(X, Y, n_estimators=2, max_depth=(6, 3, 6), band_edges_h=(1.0,))
 
 
 def test_default_horizons_end_at_the_horizon() -> None:

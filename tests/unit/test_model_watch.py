@@ -5,22 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from app.model_watch import ModelWatcher
 from app.settings import Settings
-from gpu_kernels.features import FEATURE_NAMES
-from training.fit import fit_forecaster
-from training.model import ForecastModel, default_horizons
+from tests.model_support import tiny_model
+from training.model import ForecastModel
 from training.store import ModelStore
-
-
-def tiny_model(seed: int) -> ForecastModel:
-    rng = np.random.default_rng(seed)
-    X = rng.random((200, len(FEATURE_NAMES)), dtype=np.float32)
-    Y = (rng.random((200, 3)) * 10).astype(np.float32)
-    return ForecastModel("draft", fit_forecaster(X, Y, n_estimators=2, max_depth=2, nthread=1), default_horizons(288), 300)
 
 
 class Counter:
@@ -80,7 +71,7 @@ async def test_tampered_model_is_refused_once_and_current_keeps_serving(
     metrics, seen = Metrics(), []
     watcher = ModelWatcher(settings, store, first, metrics=metrics, on_rejected=lambda v, r: seen.append(v))
     bad = store.publish(tiny_model(2), now=1_790_000_120.0)
-    f = tmp_path / bad / "dirty_mbps.ubj"
+    f = tmp_path / bad / "dirty_mbps.band2.ubj"
     f.write_bytes(f.read_bytes()[:-1] + b"X")
     await watcher.check()
     await watcher.check()  # a refused version is not retried

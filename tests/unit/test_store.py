@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 
 from gpu_kernels.features import FEATURE_NAMES
-from training.fit import fit_forecaster
-from training.model import ForecastModel, ModelRejected, default_horizons
+from tests.model_support import tiny_model
+from training.model import ForecastModel, ModelRejected
 from training.store import LATEST, VERSION_RE, ModelStore
-
-
-def tiny_model(seed: int) -> ForecastModel:
-    rng = np.random.default_rng(seed)
-    X = rng.random((300, len(FEATURE_NAMES)), dtype=np.float32)
-    Y = (rng.random((300, 3)) * 10).astype(np.float32)
-    return ForecastModel("draft", fit_forecaster(X, Y, n_estimators=3, max_depth=2, nthread=1), default_horizons(288), 300)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,7 @@ def test_a_failed_publish_leaves_latest_alone(tmp_path: Path, models: list[Forec
 def test_tampered_version_is_rejected_by_the_store(tmp_path: Path, models: list[ForecastModel]) -> None:
     store = ModelStore(str(tmp_path))
     v = store.publish(models[0], now=1_790_000_000.0)
-    f = tmp_path / v / "cpu_pct.ubj"
+    f = tmp_path / v / "cpu_pct.band1.ubj"
     f.write_bytes(f.read_bytes() + b"\0")
     with pytest.raises(ModelRejected, match="checksum"):
         store.load()
