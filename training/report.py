@@ -51,6 +51,22 @@ def summary_tables(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_tables(summary: dict[str, Any]) -> str:
+    """The numbers behind the plots: MAE per grid horizon and regret quantiles per method."""
+    by_h = summary.get("mae_by_horizon") or {}
+    lines: list[str] = []
+    if by_h:
+        methods = list(next(iter(by_h.values())).keys())
+        lines += ["| horizon | " + " | ".join(methods) + " |", "| --- " * (len(methods) + 1) + "|"]
+        lines += [f"| {h} | " + " | ".join(_fmt(row[m]) for m in methods) + " |" for h, row in by_h.items()]
+    qs = summary.get("regret_ms_quantiles") or {}
+    if qs:
+        cols = list(next(iter(qs.values())).keys())
+        lines += ["", "| window regret (ms) | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 1) + "|"]
+        lines += [f"| {k} | " + " | ".join(_fmt(v[c]) for c in cols) + " |" for k, v in qs.items()]
+    return "\n".join(lines)
+
+
 def write_report(result: BacktestResult, out_dir: str | Path, title: str) -> Path:
     """Write ``report.md``, ``summary.json`` and plots into ``out_dir``; returns the report path."""
     out = Path(out_dir)
@@ -68,6 +84,10 @@ def write_report(result: BacktestResult, out_dir: str | Path, title: str) -> Pat
         summary_tables(s),
         "",
         "Quality bar: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in bar.items()),
+        "",
+        "MAE on cpu_pct per grid horizon (the error-by-horizon plot) and regret quantiles (the regret plot):",
+        "",
+        plot_tables(s),
         "",
     ]
     plots = _plots(result, out)

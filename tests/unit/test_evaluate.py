@@ -51,7 +51,7 @@ def test_quality_bar_reads_the_summary():
 
 
 @pytest.mark.skipif(not (DATA / "bitbrains-rnd-2013-08").is_dir(), reason="shared Bitbrains trace absent")
-def test_evaluate_on_five_bitbrains_vms_prints_one_json_object():
+def test_evaluate_on_five_bitbrains_vms_prints_one_json_object(tmp_path: Path):
     from typer.testing import CliRunner
 
     from app.cli import cli
@@ -59,7 +59,7 @@ def test_evaluate_on_five_bitbrains_vms_prints_one_json_object():
     res = CliRunner().invoke(
         cli,
         ["evaluate", str(DATA / "bitbrains-rnd-2013-08"), "--format", "bitbrains", "--vms", "1-5", "--json",
-         "--trees", "15", "--max-train-rows", "20000"],
+         "--trees", "15", "--max-train-rows", "20000", "--out", str(tmp_path)],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -71,6 +71,10 @@ def test_evaluate_on_five_bitbrains_vms_prints_one_json_object():
     assert 0.0 <= out["coverage_q90"] <= 1.0
     assert set(out["regret_ms"]) == {"model", "now", "seasonal"}
     assert all(v >= 0 for v in out["regret_ms"].values())
+    assert len(out["mae_by_horizon"]) == 17 and {"0.0833333h", "6h", "24h"} <= set(out["mae_by_horizon"])
+    assert all(q["p50"] <= q["p90"] <= q["p99"] for q in out["regret_ms_quantiles"].values())
+    report = (tmp_path / "report.md").read_text()
+    assert "| 24h | " in report and "| window regret (ms) | p50 | p90 | p99 |" in report
 
 
 @pytest.mark.parametrize("depths", ["6,x", "6,0,6"])
