@@ -197,18 +197,20 @@ def predict_boosters(
     device = device or ("cpu" if xp is np else "gpu")
     n = X.shape[0]
     band = band_of(X, band_edges_h)
-    rows = [xp.flatnonzero(band == b) for b in range(len(band_edges_h) + 1)]
+    n_bands = len(band_edges_h) + 1
+    # gather each band's rows once, shared by the targets (no copy when one band holds them all)
+    parts = []
+    for b in range(n_bands):
+        idx = xp.flatnonzero(band == b)
+        if idx.size:
+            parts.append((b, idx, X if idx.size == n else X[idx]))
     out = xp.empty((n, len(TARGETS), len(QUANTILES)), dtype=xp.float32)
     for j, target in enumerate(TARGETS):
-        if len(boosters[target]) != len(rows):
-            raise ValueError(f"{target}: {len(boosters[target])} boosters for {len(rows)} horizon bands")
+        if len(boosters[target]) != n_bands:
+            raise ValueError(f"{target}: {len(boosters[target])} boosters for {n_bands} horizon bands")
         raw = xp.empty((n, len(QUANTILES)), dtype=xp.float32)
-        for booster, idx in zip(boosters[target], rows):
-            if idx.size == n:  # one band holds every row: no gather copy
-                raw[:] = xp.asarray(_raw_predict(booster, X, device), dtype=xp.float32).reshape(n, len(QUANTILES))
-            elif idx.size:
-                part = _raw_predict(booster, X[idx], device)
-                raw[idx] = xp.asarray(part, dtype=xp.float32).reshape(idx.size, len(QUANTILES))
+        for b, idx, Xb in parts:
+            raw[idx] = xp.asarray(_raw_predict(boosters[target][b], Xb, device), dtype=xp.float32).reshape(idx.size, -1)
         out[:, j, :] = from_label(raw, target, label_offset(X, target))
     return out
 
