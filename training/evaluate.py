@@ -290,12 +290,17 @@ def backtest(
         "horizon_buckets": {b: [int(a), int(c)] for b, (a, c) in BUCKETS.items()},
     }
     mae_h = {m: err_sum[m][t_cpu] / np.maximum(err_n[t_cpu], 1) for m in methods}
-    summary["mae_by_horizon"] = {f"{h / 3600:g}h": {m: float(mae_h[m][i]) for m in methods} for i, h in enumerate(hours)}
+    summary["mae_by_horizon"] = {_horizon_label(h): {m: float(mae_h[m][i]) for m in methods} for i, h in enumerate(hours)}
     summary["regret_ms_quantiles"] = {
         k: {f"p{q}": float(np.quantile(v, q / 100)) if v.size else float("nan") for q in (50, 90, 99)}
         for k, v in reg.items()
     }
     return BacktestResult(summary, reg, mae_h, hours / 3600.0, examples)
+
+
+def _horizon_label(seconds: float) -> str:
+    """``300`` -> ``"5min"``, ``5400`` -> ``"1.5h"``: readable keys for per-horizon tables."""
+    return f"{seconds / 60:g}min" if seconds < 3600 else f"{seconds / 3600:g}h"
 
 
 def evaluate_panel(

@@ -71,7 +71,7 @@ def test_evaluate_on_five_bitbrains_vms_prints_one_json_object(tmp_path: Path):
     assert 0.0 <= out["coverage_q90"] <= 1.0
     assert set(out["regret_ms"]) == {"model", "now", "seasonal"}
     assert all(v >= 0 for v in out["regret_ms"].values())
-    assert len(out["mae_by_horizon"]) == 17 and {"0.0833333h", "6h", "24h"} <= set(out["mae_by_horizon"])
+    assert len(out["mae_by_horizon"]) == 17 and {"5min", "45min", "1.5h", "24h"} <= set(out["mae_by_horizon"])
     assert all(q["p50"] <= q["p90"] <= q["p99"] for q in out["regret_ms_quantiles"].values())
     report = (tmp_path / "report.md").read_text()
     assert "| 24h | " in report and "| window regret (ms) | p50 | p90 | p99 |" in report
