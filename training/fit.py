@@ -33,7 +33,7 @@ class TrainingKnobs:
     """Booster size and data defaults shared by the backtest and the retrainer (one place to tune)."""
 
     n_estimators: int = 150
-    max_depth: tuple[int, ...] = BAND_DEPTHS
+    max_depth: int | tuple[int, ...] = BAND_DEPTHS  # one depth, or one per horizon band
     learning_rate: float = 0.1
     default_mem_mb: float = 4096.0  # memory size assumed where a trace has none (CPU-only traces)
     seed: int = 0

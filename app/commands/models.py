@@ -24,7 +24,7 @@ def _progress(console: Any) -> Any:
 
 
 def _parse_depths(text: str) -> int | tuple[int, ...]:
-    """``"6,3,6"`` -> (6, 3, 6); ``"6"`` -> 6 (every band)."""
+    """``"6,3,4"`` -> (6, 3, 4); ``"6"`` -> 6 (every band)."""
     try:
         depths = tuple(int(part) for part in text.split(","))
     except ValueError:
