@@ -196,7 +196,8 @@ class Scorer:
         fresh = store.cached_forecast(chunk, key)
         stale = np.flatnonzero(~fresh)
         if stale.size:
-            win, sub_attrs = store.windows(chunk[stale])  # the full window only where the model runs
+            win = store.window(chunk[stale])  # the full window only where the model runs
+            sub_attrs = {name: attrs[name][stale] for name in ("last_slot", "mem_total_mb", "vcpus")}
             pred = forecast_grid(win, sub_attrs, model, self.settings.slot_s, self.xp, self.device)
             store.put_forecast(chunk[stale], pred, key)
             self.forecasts_run += int(stale.size)

@@ -249,15 +249,17 @@ class WindowStore:
     # ------------------------------------------------------------------ reads
     def windows(self, rows: Any) -> tuple[Any, dict[str, Any]]:
         """Window tensor ``(k, n_slots, C)`` float32 oldest -> newest (NaN gaps) and attributes."""
+        return self.window(rows), self.attrs(rows)
+
+    def window(self, rows: Any) -> Any:
+        """Window tensor ``(k, n_slots, C)`` float32 oldest -> newest (NaN gaps), on the store's device."""
         xp, S = self.xp, self.n_slots
         rows = np.asarray(rows, dtype=np.int64)
-        last = self.last_slot[rows]
-        pos = (last[:, None] - S + 1 + np.arange(S)[None, :]) % S
+        pos = (self.last_slot[rows][:, None] - S + 1 + np.arange(S)[None, :]) % S
         r_dev, p_dev = xp.asarray(rows[:, None]), xp.asarray(pos)
         s = self.sums[r_dev, p_dev]
         c = self.counts[r_dev, p_dev]
-        win = xp.where(c > 0, s / xp.maximum(c, 1).astype(xp.float32), xp.float32(np.nan)).astype(xp.float32)
-        return win, self.attrs(rows)
+        return xp.where(c > 0, s / xp.maximum(c, 1).astype(xp.float32), xp.float32(np.nan)).astype(xp.float32)
 
     def attrs(self, rows: Any) -> dict[str, Any]:
         """Per-row attributes (host-side): ids, newest slot and sample, VM size, newest memory used."""
