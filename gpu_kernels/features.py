@@ -175,11 +175,9 @@ def _vm_features(win: Any, tw: Any, attrs: Mapping[str, Any], slot_s: int, xp: A
             cols += [s[:, t] for s in stats]
         cols += [trend[:, t], mean_15m[:, t], level[:, t], last_dev[:, t]]
     cpu_1h = tw[:, TARGETS.index("cpu_pct"), S - n1h :]
-    n_cpu = (~xp.isnan(cpu_1h)).sum(axis=-1)
-    denom = xp.where(n_cpu > 0, n_cpu, 1).astype(xp.float32)
-    nan = xp.float32(xp.nan)
-    cols.append(xp.where(n_cpu > 0, (cpu_1h <= CPU_IDLE_PCT).sum(axis=-1) / denom, nan))
-    cols.append(xp.where(n_cpu > 0, (cpu_1h >= CPU_BUSY_PCT).sum(axis=-1) / denom, nan))
+    observed = ~xp.isnan(cpu_1h)
+    for in_state in (cpu_1h <= CPU_IDLE_PCT, cpu_1h >= CPU_BUSY_PCT):  # share of observed slots idle / busy
+        cols.append(_masked_mean(xp.where(observed, in_state.astype(xp.float32), xp.float32(xp.nan)), xp))
     any_valid = ~xp.isnan(win).all(axis=-1)  # (k, S): any channel observed
     newest = S - 1 - xp.argmax(any_valid[:, ::-1], axis=-1)
     staleness = xp.where(any_valid.any(axis=-1), (S - 1 - newest).astype(xp.float32), xp.float32(xp.nan))
