@@ -59,7 +59,7 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}; log:\n{self.tail()}")
             try:
-                if self.model_version() != "none":
+                if self.model_version() not in ("", "none"):
                     return  # serving metrics and a model: ready to score
             except OSError:
                 pass
