@@ -47,11 +47,11 @@ def settings(**kw):
     return Settings.from_env({}, **base)
 
 
-def fill(store, vms, hosts, mem_used=8192.0, net_kbps=0.0, ts=None):
+def fill(store, vms, hosts, mem_used=8192.0, net_kbps=0.0, ts=None, mem_total=16384.0):
     n = len(vms)
     v = np.full((n, len(METRICS)), np.nan, np.float32)
     v[:, M["cpu_pct"]] = 30
-    v[:, M["mem_total_mb"]] = 16384
+    v[:, M["mem_total_mb"]] = mem_total
     v[:, M["mem_used_mb"]] = mem_used
     v[:, M["net_rx_kbps"]] = net_kbps
     v[:, M["net_tx_kbps"]] = 0
@@ -207,3 +207,29 @@ def test_a_reused_row_never_inherits_the_previous_vms_forecast():
     store.release(store.rows_of(["old"]))
     scorer.score(store, fill(store, ["new"], ["h1"]), now=T0 + 30)
     assert scorer.forecasts_run == 2
+
+
+class PerVmModel(ValleyModel):
+    """The dirty rate follows the VM's memory-size feature: a forecast run on another VM's inputs shows."""
+
+    def predict(self, X, device="cpu"):
+        out = super().predict(X, device)
+        out[:, TARGETS.index("dirty_mbps"), :] = X[:, FEATURE_NAMES.index("mem_total_mb"), None] / 64
+        return out
+
+
+def test_only_stale_rows_rerun_the_forecaster_each_on_its_own_inputs():
+    s = settings()
+    store = WindowStore(s.window_slots, SLOT, s.vm_ttl_s)
+    model = PerVmModel(valley_slot=5)
+    scorer = Scorer(s, lambda: model)
+    sizes = np.array([8192.0, 16384.0, 32768.0], np.float32)
+    rows = fill(store, ["a", "b", "c"], ["h1"] * 3, mem_used=4096.0, mem_total=sizes)
+    scorer.score(store, rows, now=T0 + 20)
+    fill(store, ["b"], ["h1"], mem_used=4096.0, mem_total=sizes[1:2], ts=np.array([T0 + SLOT + 10.0]))  # b moves on
+    cached = scorer.score(store, rows, now=T0 + SLOT + 20)
+    assert scorer.forecasts_run == 4  # three, then b alone
+    fresh = Scorer(s, lambda: model).score(store, rows, now=T0 + SLOT + 20)
+    np.testing.assert_array_equal(cached.best_downtime_ms, fresh.best_downtime_ms)
+    np.testing.assert_array_equal(cached.best_start, fresh.best_start)
+    assert len(set(cached.best_downtime_ms.tolist())) == 3  # the three VMs do differ
