@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+SINKS = ("redis", "kafka", "history", "snapshots")  # the labels of zhuge_sink_up
+OUTPUTS = ("scores", "dlq")  # the labels of zhuge_kafka_send_errors_total
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000)
 
 
@@ -41,6 +43,13 @@ class WorkerMetrics:
         self.recovery_replayed = Counter("zhuge_recovery_replayed_records_total", "Kafka records replayed into windows after a restart or rebalance", registry=r)
         self.recovery_skipped = Counter("zhuge_recovery_skipped_records_total", "Re-delivered records skipped because the windows already held them", registry=r)
         self.redis_errors = Counter("zhuge_redis_errors_total", "Failed Redis writes (retried)", registry=r)
+        self.kafka_send_errors = Counter("zhuge_kafka_send_errors_total", "Records whose produce failed and was sent again", ["output"], registry=r)
+        self.commit_errors = Counter("zhuge_commit_errors_total", "Offset commits that failed (retried with the next batch)", registry=r)
+        self.snapshot_errors = Counter("zhuge_snapshot_errors_total", "Window snapshots that could not be written", registry=r)
+        self.batch_errors = Counter("zhuge_batch_errors_total", "Micro-batches whose processing raised (retried, then dead-lettered)", registry=r)
+        self.vms_evicted = Counter("zhuge_vms_evicted_total", "VMs evicted after ZHUGE_VM_TTL_S without a sample (and removed from Redis)", registry=r)
+        self.recovery_gap = Counter("zhuge_recovery_gap_records_total", "Records a recovery could not replay (gone from Kafka by retention)", registry=r)
+        self.history_dropped = Counter("zhuge_history_dropped_rows_total", "History rows dropped because the archive stayed unwritable", registry=r)
 
         self.batch_size = Histogram("zhuge_batch_size", "Samples per micro-batch", buckets=BATCH_BUCKETS, registry=r)
         self.batch_latency = Histogram("zhuge_batch_latency_seconds", "Micro-batch processing time, decode to sinks", buckets=LATENCY_BUCKETS, registry=r)
@@ -53,10 +62,23 @@ class WorkerMetrics:
         self.window_store_vms = Gauge("zhuge_window_store_vms", "VMs held in the window stores", registry=r)
         self.window_store_bytes = Gauge("zhuge_window_store_bytes", "Bytes of the window stores' arrays", registry=r)
         self.device = Gauge("zhuge_device_info", "Compute device and engine in use (value 1)", ["device", "engine"], registry=r)
+        self.sink_up = Gauge("zhuge_sink_up", "1 while the sink's last write succeeded, 0 while it is failing", ["sink"], registry=r)
+        self.partitions_assigned = Gauge("zhuge_partitions_assigned", "vm.metrics partitions this worker owns", registry=r)
+        self.history_buffered = Gauge("zhuge_history_buffered_rows", "History rows waiting for the next Parquet flush", registry=r)
+        self.batch_stalled = Gauge("zhuge_batch_stalled_seconds", "Age of the micro-batch in flight (0 when idle): grows while a sink is down", registry=r)
+        self.last_commit_age = Gauge("zhuge_last_commit_age_seconds", "Seconds since offsets were last committed (NaN before the first commit)", registry=r)
 
         self._lock = threading.Lock()
         self._model_created: float | None = None
+        self._batch_started: float | None = None  # monotonic start of the batch in flight
+        self._last_commit: float | None = None  # monotonic time of the last successful commit
         self.model_age.set_function(self._age)
+        self.batch_stalled.set_function(self._stalled)
+        self.last_commit_age.set_function(self._commit_age)
+        for sink in SINKS:
+            self.sink_up.labels(sink=sink).set(1)
+        for output in OUTPUTS:
+            self.kafka_send_errors.labels(output=output)
         self.set_model("none", None)
         self.set_device(device, engine)
 
@@ -71,6 +93,26 @@ class WorkerMetrics:
     def _age(self) -> float:
         created = self._model_created
         return math.nan if created is None else max(0.0, time.time() - created)
+
+    def batch_begins(self) -> None:
+        self._batch_started = time.monotonic()
+
+    def batch_ends(self) -> None:
+        self._batch_started = None
+
+    def _stalled(self) -> float:
+        started = self._batch_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def committed(self) -> None:
+        self._last_commit = time.monotonic()
+
+    def _commit_age(self) -> float:
+        last = self._last_commit
+        return math.nan if last is None else time.monotonic() - last
+
+    def set_sink_up(self, sink: str, up: bool) -> None:
+        self.sink_up.labels(sink=sink).set(1 if up else 0)
 
     def set_device(self, device: str, engine: str) -> None:
         with self._lock:

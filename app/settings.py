@@ -40,17 +40,45 @@ class Settings:
     topic_scores: str = _doc("output topic of migration-window scores", default="vm.scores")
     topic_migrations: str = _doc("observed migrations, used to correct the downtime model", default="vm.migrations")
     topic_partitions: int = _doc("partitions created for the topics when missing", default=8)
-    consumer_group: str = _doc("Faust application id / consumer group of the workers", default="zhuge")
+    topic_replication: int = _doc("replication factor of the topics a worker creates (1 on a local broker, 3 on a cluster)", default=1)
+    consumer_group: str = _doc(
+        "consumer group of the workers on `vm.metrics`; Faust's agents (`vm.migrations`) use `<group>-app`", default="zhuge"
+    )
+    worker_id: str = _doc(
+        "stable id of this worker in the group (Kafka static membership: a restarted worker takes its partitions back "
+        "at once); empty: `<hostname>-<n>`, n the lowest slot free on this machine",
+        default="",
+    )
+    kafka_session_timeout_s: float = _doc("a worker not heard from this long loses its partitions to the others", default=10.0)
+    kafka_heartbeat_s: float = _doc("seconds between group heartbeats (well below the session timeout)", default=3.0)
+    kafka_request_timeout_s: float = _doc(
+        "a produce or commit not acknowledged within this is failed and sent again (back-pressure, never dropped)", default=30.0
+    )
     # --- Redis -------------------------------------------------------------
-    redis_url: str = _doc("Redis URL; rediss:// for TLS, redis://:password@host for AUTH", default="redis://127.0.0.1:6379/0")
+    redis_url: str = _doc(
+        "Redis URL; rediss:// for TLS, redis://:password@host for AUTH", default="redis://127.0.0.1:6379/0", repr=False
+    )
+    redis_password: str = _doc("Redis password (AUTH), instead of one in the URL", default="", repr=False)
+    redis_ssl_cafile: str = _doc("CA bundle for the Redis server's certificate (rediss://)", default="")
+    redis_ssl_certfile: str = _doc("client certificate for Redis mutual TLS", default="")
+    redis_ssl_keyfile: str = _doc("client private key for Redis mutual TLS", default="")
     redis_prefix: str = _doc("prefix of every Redis key zhuge writes", default="zhuge:")
+    redis_ttl_s: int = _doc(
+        "expiry of a VM's score hash, refreshed at every write (longer than ZHUGE_VM_TTL_S: a safety net "
+        "for VMs no worker evicts)",
+        default=7 * 3600,
+    )
     # --- compute -----------------------------------------------------------
     device: Device = _doc("auto (GPU when CuPy sees one), cpu or gpu", default="auto")
     # --- windows and scoring -----------------------------------------------
     slot_s: int = _doc("slot length in seconds: samples are averaged into slots", default=300)
     window_span_s: int = _doc("sliding-window span kept per VM, in seconds (>= 24 h)", default=86400)
     horizon_s: int = _doc("forecast horizon in seconds", default=86400)
-    vm_ttl_s: int = _doc("a VM silent this long is evicted from the window store", default=6 * 3600)
+    vm_ttl_s: int = _doc(
+        "a VM from which nothing arrived for this long (wall clock) is evicted from the window store and Redis",
+        default=6 * 3600,
+    )
+    max_future_s: float = _doc("samples stamped further ahead of the worker's clock than this go to the DLQ", default=600.0)
     batch_max: int = _doc("largest micro-batch of Kafka messages the worker takes", default=5000)
     batch_within_s: float = _doc("longest wait to fill a micro-batch, seconds", default=0.25)
     rescore_s: int = _doc(
@@ -68,6 +96,15 @@ class Settings:
     history_url: str = _doc("fsspec URL of the Parquet history archive", default=".zhuge/history")
     snapshot_dir: str = _doc("where workers keep per-partition window snapshots", default=".zhuge/snapshots")
     snapshot_every_s: float = _doc("seconds between window snapshots of a partition", default=30.0)
+    shutdown_timeout_s: float = _doc(
+        "longest a worker takes to stop on SIGTERM/SIGINT, whatever Kafka and Redis are doing (snapshots first)",
+        default=15.0,
+    )
+    history_flush_rows: int = _doc("buffered history rows that trigger a Parquet flush", default=200_000)
+    history_flush_s: float = _doc("age of the oldest buffered history row that triggers a flush, seconds", default=60.0)
+    history_buffer_rows: int = _doc(
+        "most history rows held while the archive is unwritable (oldest dropped and counted beyond)", default=2_000_000
+    )
     model_check_s: float = _doc("seconds between model-store checks (besides Redis pub/sub)", default=30.0)
     metrics_port: int = _doc("port of the worker's Prometheus /metrics (0 = none)", default=9464)
     state_dir: str = _doc("local state of services (Kafka data, logs, pid files)", default=".zhuge")
@@ -112,6 +149,19 @@ class Settings:
             raise ValueError(f"unknown Kafka security protocol {self.kafka_security_protocol!r}")
         if self.link_mbps <= 0 or self.downtime_target_ms <= 0 or self.max_rounds < 1:
             raise ValueError("link_mbps, downtime_target_ms and max_rounds must be positive")
+        if self.topic_partitions < 1 or self.topic_replication < 1:
+            raise ValueError("topic_partitions and topic_replication must be >= 1")
+        if not 0 < self.kafka_heartbeat_s * 2 <= self.kafka_session_timeout_s:
+            raise ValueError("kafka_heartbeat_s must be positive and at most half of kafka_session_timeout_s")
+        if self.kafka_request_timeout_s <= 0 or self.shutdown_timeout_s <= 0 or self.max_future_s < 0:
+            raise ValueError("kafka_request_timeout_s and shutdown_timeout_s must be positive, max_future_s >= 0")
+        if self.redis_ttl_s <= self.vm_ttl_s:
+            raise ValueError(f"redis_ttl_s ({self.redis_ttl_s}) must exceed vm_ttl_s ({self.vm_ttl_s})")
+        if self.history_flush_rows < 1 or self.history_flush_s <= 0 or self.history_buffer_rows < self.history_flush_rows:
+            raise ValueError("history_flush_rows >= 1, history_flush_s > 0 and history_buffer_rows >= history_flush_rows")
+        tls_files = (self.redis_ssl_cafile, self.redis_ssl_certfile, self.redis_ssl_keyfile)
+        if any(tls_files) and not self.redis_url.startswith("rediss://"):
+            raise ValueError("ZHUGE_REDIS_SSL_* need a rediss:// URL (TLS)")
 
     # --- derived values ------------------------------------------------------
     @property
@@ -149,15 +199,65 @@ class Settings:
             kw["sasl_plain_password"] = self.kafka_sasl_password
         return kw
 
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that complete ``redis_url``: password, TLS files, socket timeouts.
+
+        The timeouts turn a Redis that stops answering into an error the sinks retry,
+        never a coroutine waiting forever.
+        """
+        kw: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5.0, "socket_timeout": 10.0}
+        if self.redis_password:
+            kw["password"] = self.redis_password
+        for name, value in (("ssl_ca_certs", self.redis_ssl_cafile), ("ssl_certfile", self.redis_ssl_certfile),
+                            ("ssl_keyfile", self.redis_ssl_keyfile)):
+            if value:
+                kw[name] = value
+        return kw
+
     def redis_client(self, *, asyncio: bool = True) -> Any:
-        """A Redis client for ``redis_url`` (rediss:// and passwords handled by redis-py)."""
+        """A Redis client for ``redis_url`` and ``redis_kwargs()`` (rediss:// and AUTH handled by redis-py)."""
         if asyncio:
             import redis.asyncio as aioredis
 
-            return aioredis.from_url(self.redis_url, decode_responses=False)
+            return aioredis.from_url(self.redis_url, **self.redis_kwargs())
         import redis
 
-        return redis.from_url(self.redis_url, decode_responses=False)
+        return redis.from_url(self.redis_url, **self.redis_kwargs())
+
+    @property
+    def redis_address(self) -> str:
+        """``redis_url`` without its password: what logs, errors and titles may show."""
+        return redact_url(self.redis_url)
+
+    def __repr__(self) -> str:
+        """Every setting, secrets masked (passwords never reach logs through a repr)."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS:
+                value = "***" if value else ""
+            elif f.name == "redis_url":
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "redis_password"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user-info part replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
@@ -176,6 +276,6 @@ def settings_table() -> str:
     """The README's settings table, generated from the dataclass (one source of truth)."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for f in fields(Settings):
-        default = "" if f.name == "kafka_sasl_password" else f.default
+        default = "" if f.name in SECRET_FIELDS else f.default
         rows.append(f"| `{ENV_PREFIX}{f.name.upper()}` | `{default}` | {f.metadata.get('doc', '')} |")
     return "\n".join(rows)
