@@ -50,7 +50,7 @@ def _view(settings: Settings, metrics: dict[str, float], model: str, rate: float
             f"{float(r.get('best_downtime_ms', 0)):.0f}",
             f"{float(r.get('p_ok', 0)):.2f}",
         )
-    return Group(Panel(stats, title=f"zhuge demo - Kafka {settings.kafka_bootstrap}, Redis {settings.redis_url}"), table)
+    return Group(Panel(stats, title=f"zhuge demo - Kafka {settings.kafka_bootstrap}, Redis {settings.redis_address}"), table)
 
 
 async def _poll_redis(settings: Settings) -> tuple[list[dict], int]:

@@ -9,6 +9,9 @@ message only triggers an early check. Loading and verification happen off the ev
 loop; the swap happens only in ``maybe_reload()``, which the worker calls between
 batches, so a batch is never scored by two models. A rejected artifact (corrupt,
 tampered, incompatible) is logged and counted once, and the current model keeps serving.
+A refused version is looked at again only when its files change (``store.fingerprint``):
+files still being copied when it was first seen must not keep it out forever, and an
+unchanged broken one must not be reloaded every check.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class ModelWatcher:
         self.store = store
         self._current = current_model
         self._pending: ForecastModel | None = None
-        self._rejected: dict[str, str] = {}
+        self._rejected: dict[str, tuple[str | None, str]] = {}  # version -> (fingerprint when refused, reason)
         self._lock = threading.Lock()
         self._metrics = metrics
         self._on_rejected = on_rejected
@@ -88,8 +91,8 @@ class ModelWatcher:
 
     @property
     def rejected(self) -> dict[str, str]:
-        """Versions refused so far -> reason."""
-        return dict(self._rejected)
+        """Versions refused (and not loaded since) -> reason."""
+        return {version: reason for version, (_, reason) in self._rejected.items()}
 
     # --- background ------------------------------------------------------------
     async def start(self) -> None:
@@ -111,32 +114,53 @@ class ModelWatcher:
         self._tasks = []
 
     async def check(self) -> None:
-        """One look at ``LATEST``; a new, not yet refused version is loaded and verified off-loop."""
+        """One look at ``LATEST``; a new version, or a refused one whose files changed, is loaded off-loop."""
         try:
             version = await asyncio.to_thread(self.store.latest_version)
         except Exception as exc:  # store unreachable: keep serving, try again later
             log.warning("model store %s unreadable: %s", getattr(self.store, "url", self.store), exc)
             return
-        if version is None or version == self._current.version or version in self._rejected:
+        if version is None or version == self._current.version or self._is_pending(version):
             return
-        with self._lock:
-            if self._pending is not None and self._pending.version == version:
+        # taken before loading: any change after it, even mid-load, earns a refused version another look
+        fingerprint = await self._fingerprint(version)
+        refused = self._rejected.get(version)
+        if refused is not None:
+            if fingerprint is None or fingerprint == refused[0]:
                 return
+            log.info("refused model %s changed in the store; checking it again", version)
         try:
             model = await asyncio.to_thread(self.store.load, version, slot_s=self.settings.slot_s)
         except ModelRejected as exc:
-            self._reject(version, exc.reason)
+            self._reject(version, fingerprint, exc.reason)
             return
         except Exception as exc:  # transient (I/O, half-visible object store): retried next check
             log.warning("model %s could not be loaded yet: %s", version, exc)
             return
+        self._rejected.pop(version, None)
         with self._lock:
             self._pending = model
         log.info("model %s verified, swapping in at the next batch boundary", version)
 
-    def _reject(self, version: str, reason: str) -> None:
-        self._rejected[version] = reason
+    def _is_pending(self, version: str) -> bool:
+        with self._lock:
+            return self._pending is not None and self._pending.version == version
+
+    async def _fingerprint(self, version: str) -> str | None:
+        """The version's file listing digest; None when it cannot be listed (loading needs reads only)."""
+        try:
+            return await asyncio.to_thread(self.store.fingerprint, version)
+        except Exception as exc:
+            log.warning("model %s: cannot list its files (%s); a refused version stays refused", version, exc)
+            return None
+
+    def _reject(self, version: str, fingerprint: str | None, reason: str) -> None:
+        """Log every refusal; count and report a version only the first time it is refused."""
+        first = version not in self._rejected
+        self._rejected[version] = (fingerprint, reason)
         log.error("model %s REFUSED, keeping %s in service: %s", version, self._current.version, reason)
+        if not first:
+            return
         counter = getattr(self._metrics, "model_rejected", None)
         if counter is not None:
             counter.inc()

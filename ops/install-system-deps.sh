@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the system packages zhuge's local services and tests use, when missing:
 # redis-server, Java 17 and Maven (the Kafka broker's jars come from Maven Central),
-# and Prometheus (the dashboard-query test). Debian/Ubuntu (apt-get); used by
-# `make install` (so `make demo` / `make test` on a fresh machine) and by .ci/run.
+# openssl (the local CA of a TLS stack) and Prometheus (the dashboard-query test).
+# Debian/Ubuntu (apt-get); used by `make install` (so `make demo` / `make test` on a
+# fresh machine) and by .ci/run.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
+command -v openssl >/dev/null || need+=(openssl)
 command -v prometheus >/dev/null || need+=(prometheus)
 [ "${#need[@]}" -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then

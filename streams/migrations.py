@@ -11,7 +11,9 @@ Message contract (value: one JSON object or a JSON array of objects; key = VM id
 ``vm`` (str, required), ``start`` and ``end`` (epoch s, required, end >= start),
 ``downtime_ms`` (observed pause, required, >= 0), ``bytes`` (transferred, >= 0),
 ``rounds`` (pre-copy rounds, int >= 0), ``host_from`` / ``host_to`` (str),
-``link_mbps`` (> 0). Unknown fields are ignored, ``null`` counts as missing;
+``link_mbps`` (> 0); strings without control characters, numbers at most the
+physical bounds of ``streams.schema.Limits`` (``max_downtime_ms`` ...), ``end`` at most
+``Limits.max_future_s`` ahead. Unknown fields are ignored, ``null`` counts as missing;
 anything invalid becomes a ``streams.schema.Rejected`` for the DLQ, with the
 same reason format as ``vm.metrics`` (``[2].downtime_ms: must be >= 0``).
 
@@ -36,7 +38,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from streams.schema import Limits, ObjectDecoder, Rejected
+from streams.schema import CONTROL_REASON, Limits, ObjectDecoder, Rejected, bound_text, has_control
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class Migration(msgspec.Struct):
     end: float
     downtime_ms: _NonNeg
     transferred_bytes: _NonNeg | None = msgspec.field(default=None, name="bytes")
-    rounds: Annotated[int, Meta(ge=0)] | None = None
+    # <= 2**53: converts exactly to the float64 column (a 400-digit int raised OverflowError there)
+    rounds: Annotated[int, Meta(ge=0, le=1 << 53)] | None = None
     host_from: _Str | None = None
     host_to: _Str | None = None
     link_mbps: Annotated[float, Meta(gt=0)] | None = None
@@ -81,6 +84,10 @@ class MigrationBatch:
 
 _migrations = ObjectDecoder(Migration)
 _NUM = ("start", "end", "downtime_ms", "transferred_bytes", "rounds", "link_mbps")
+_STR = ("vm", "host_from", "host_to")
+# column, its name in the message, the Limits field bounding it
+_UPPER = (("downtime_ms", "downtime_ms", "max_downtime_ms"), ("transferred_bytes", "bytes", "max_transferred_bytes"),
+          ("rounds", "rounds", "max_rounds"), ("link_mbps", "link_mbps", "max_link_mbps"))
 
 
 def decode_migrations(
@@ -94,7 +101,9 @@ def decode_migrations(
 
     Same rules as ``streams.schema.decode_messages``: an array keeps its good
     objects and yields one ``Rejected`` (whole original bytes) naming the bad
-    indices; ``start``/``end`` must lie in ``[limits.min_ts, now + limits.max_future_s]``.
+    indices; ``start``/``end`` must lie in ``[limits.min_ts, now + limits.max_future_s]``,
+    strings must not contain control characters, numbers must not exceed the
+    ``limits.max_*`` bounds.
     """
     now = time.time() if now is None else now
     got = _migrations.decode(raws, limits)
@@ -118,23 +127,33 @@ def _columns(got: list[Migration]) -> MigrationBatch:
 def _check_ranges(b: MigrationBatch, src: np.ndarray, pos: np.ndarray, reasons: dict[int, list[str]],
                   now: float, limits: Limits) -> None:
     """Vectorised checks the field types cannot express; drops failing migrations."""
+    control = np.column_stack([has_control(getattr(b, name)) for name in _STR]).reshape(len(b), len(_STR))
     bad_old = b.start < limits.min_ts
     bad_future = b.end > now + limits.max_future_s
     bad_order = b.end < b.start
-    bad = bad_old | bad_future | bad_order
+    upper = np.array([getattr(limits, lim) for _, _, lim in _UPPER], dtype=np.float64)
+    values = np.column_stack([getattr(b, col) for col, _, _ in _UPPER]).reshape(len(b), len(_UPPER))
+    with np.errstate(invalid="ignore"):
+        too_high = values > upper  # NaN (absent) compares False
+    bad = control.any(axis=1) | bad_old | bad_future | bad_order | too_high.any(axis=1)
     if not bad.any():
         return
-    for k in np.flatnonzero(bad):
+    for k in np.flatnonzero(bad):  # failing migrations only
         where = "" if pos[k] < 0 else f"[{pos[k]}]."
-        if bad_old[k]:
+        if control[k].any():
+            why = f"{where}{_STR[int(np.flatnonzero(control[k])[0])]}: {CONTROL_REASON}"
+        elif bad_old[k]:
             why = f"{where}start: {b.start[k]:.0f} is before {limits.min_ts:.0f}"
         elif bad_future[k]:
             why = f"{where}end: {b.end[k]:.0f} is more than {limits.max_future_s:.0f} s in the future"
-        else:
+        elif bad_order[k]:
             why = f"{where}end: {b.end[k]:.3f} is before start {b.start[k]:.3f}"
+        else:
+            j = int(np.flatnonzero(too_high[k])[0])
+            why = f"{where}{_UPPER[j][1]}: must be <= {bound_text(upper[j])}"
         reasons.setdefault(int(src[k]), []).append(why)
     keep = np.flatnonzero(~bad)
-    for name in ("vm", "host_from", "host_to"):
+    for name in _STR:
         col = getattr(b, name)
         setattr(b, name, [col[k] for k in keep])
     for name in _NUM:
@@ -373,6 +392,7 @@ async def handle_migrations(
     now: float | None = None,
     scores_corrected: bool = True,
     max_score_age_s: float | None = 3600.0,
+    limits: Limits = Limits(),
 ) -> list[Rejected]:
     """Decode a batch of ``vm.migrations`` messages and fold them into the shared correction.
 
@@ -386,7 +406,7 @@ async def handle_migrations(
     the scores were written by a scorer that applies this correction, so the
     current factor is divided out. Returns the rejections for the DLQ.
     """
-    batch = decode_migrations(raws, keys, now=now)
+    batch = decode_migrations(raws, keys, now=now, limits=limits)
     correction.counts["rejected"] += len(batch.rejected)
     if len(batch) == 0:
         return batch.rejected

@@ -1,18 +1,40 @@
-"""The per-batch work of a worker, independent of Faust.
+"""The per-batch work of a worker, independent of Faust and of the Kafka consumer.
 
-``Pipeline.process(records)`` is the whole hot path for one micro-batch:
-decode + validate (bad -> DLQ), update the partition's window store, score the
-VMs that are due, write the sinks, and only then return, so the caller acks the
-batch after its Redis and ``vm.scores`` writes succeeded (at-least-once). Redis
-or Kafka trouble is retried with back-off here (back-pressure), never dropped.
+``Pipeline.process(records)`` is the whole hot path for one micro-batch and
+returns the offsets the caller may commit. The order (after Quix Streams'
+checkpoint) is:
 
-Kept free of Faust so tests can drive it with plain records, including crash
-and resume, the way Bytewax tests recovery without a broker.
+1. a partition met for the first time, or after a failure, is rebuilt: its
+   newest usable snapshot plus a replay of the gap from Kafka without sinks
+   (``streams.recovery.plan_recovery`` says which snapshot and from where);
+   records the rebuilt windows already hold are skipped;
+2. decode + validate, window-store update, eviction of VMs nothing arrived
+   from for ``vm_ttl_s`` (wall clock), scoring (vectorised, in a thread);
+3. sinks: DLQ and ``vm.scores`` records produced until each is acknowledged
+   (``streams.sinks.kafka_out.send_all``: fresh re-sends, never a re-await),
+   Redis written (scores, then evicted VMs forgotten), retried with capped
+   back-off: an outage is back-pressure, the batch simply waits;
+4. the partitions' next offsets advance and are returned for the commit;
+5. every ``snapshot_every_s`` the stores are snapshotted with their next
+   offset, the VMs still waiting for a score, and the fingerprint of the last
+   record (a failed snapshot is logged and counted; Kafka still has the data).
+
+Anything else that raises in 1-3 leaves the touched stores half-updated: they
+are dropped (rebuilt from the last snapshot + Kafka on the next attempt), the
+batch is retried with back-off, and after ``MAX_ATTEMPTS`` its records go to
+the DLQ with the error as the reason and are skipped by later replays. A
+cancelled batch (shutdown) drops its stores the same way, so a shutdown
+snapshot never holds samples whose offsets were not committed.
+
+Kept free of Faust and of the consumer so tests drive it with plain records,
+an in-memory partition log and fake sinks, including crash and resume, the way
+Bytewax tests recovery without a broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,16 +45,20 @@ import numpy as np
 
 from app.settings import Settings
 from streams.dlq import dlq_records
-from streams.recovery import SnapshotStore, replay_range
-from streams.schema import DecodedBatch, decode_messages
+from streams.recovery import KafkaPartitionLog, LogRecord, PartitionLog, SnapshotStore, plan_recovery, record_crc
+from streams.schema import DecodedBatch, Rejected, decode_messages, limits_from_settings
 from streams.scorer import Scorer
 from streams.scores import ScoreBatch
+from streams.sinks.kafka_out import OutRecord, send_all
 from streams.sinks.scores_topic import score_records
 from streams.window_store import WindowStore
 
 log = logging.getLogger(__name__)
 
 EVICT_EVERY_S = 60.0
+MAX_ATTEMPTS = 3  # a batch that raises this often is dead-lettered
+MAX_BACKOFF_S = 5.0
+PENDING_KEY = "pending_vm"  # snapshot array: VMs with samples not yet scored
 
 
 @dataclass(frozen=True)
@@ -43,16 +69,19 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes
+    timestamp_ms: int | None = None  # the broker's record timestamp: when the sample arrived
 
 
 @dataclass
 class PartitionState:
     store: WindowStore
-    next_offset: int
+    next_offset: int  # the store holds every record below this offset
+    redeliver_from: int  # offsets in [redeliver_from, next_offset) may come again (snapshot ahead of the commit)
     last_snapshot: float = field(default_factory=time.monotonic)
     last_evict: float = field(default_factory=time.monotonic)
     dropped_seen: int = 0  # late samples of this store already counted in the metric
     pending: set[str] = field(default_factory=set)  # VMs with samples not yet scored
+    last_crc: int = -1  # fingerprint of the record at next_offset - 1
 
 
 @dataclass
@@ -61,6 +90,16 @@ class BatchResult:
     rejected: int = 0
     scored: int = 0
     stale: int = 0
+    evicted: int = 0
+    dead_lettered: int = 0  # records of a batch that kept failing, sent to the DLQ
+    commit: dict[int, int] = field(default_factory=dict)  # partition -> next offset to commit
+
+
+@dataclass
+class _Computed:
+    decoded: dict[int, DecodedBatch]
+    scores: list[tuple[PartitionState, ScoreBatch]]
+    evicted: list[tuple[list[str], np.ndarray]]  # (vm ids, their newest sample ts) per partition
 
 
 class Pipeline:
@@ -77,6 +116,8 @@ class Pipeline:
         metrics: Any | None = None,
         xp: Any = np,
         clock: Callable[[], float] = time.time,
+        partition_log: Callable[[int], Any] | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
@@ -86,138 +127,199 @@ class Pipeline:
         self.metrics = metrics
         self.xp = xp
         self.clock = clock
+        self.limits = limits_from_settings(settings)
         self.partitions: dict[int, PartitionState] = {}
-        self.snapshots = SnapshotStore(settings.snapshot_dir, settings.consumer_group, settings.topic_metrics)
+        self.snapshots = snapshots or SnapshotStore(settings.snapshot_dir, settings.consumer_group, settings.topic_metrics)
+        self._partition_log = partition_log or (
+            lambda p: KafkaPartitionLog(settings.aiokafka_kwargs(), settings.topic_metrics, p)
+        )
+        self._dead: dict[int, list[tuple[int, int]]] = {}  # partition -> dead-lettered offset ranges
+        self._history_task: asyncio.Task[None] | None = None
+        self._history_dropped_seen = 0
+        self._history_retry_at = 0.0  # monotonic time before which a failed archive is not retried
         self._lock = asyncio.Lock()
 
-    # ------------------------------------------------------------------ stores
+    # ------------------------------------------------------------------ partitions
     def _new_store(self) -> WindowStore:
         s = self.settings
         return WindowStore(s.window_slots, s.slot_s, s.vm_ttl_s, xp=self.xp)
 
-    async def _ensure_partition(self, partition: int, first_offset: int) -> PartitionState:
-        """Return the partition's state, rebuilding it when the stream jumped past it.
+    def _decode(self, records: Sequence[Record | LogRecord], now: float) -> DecodedBatch:
+        return decode_messages([r.value for r in records], [r.key for r in records], now=now, limits=self.limits)
 
-        ``first_offset`` > the offset the store expects (restart, ``kill -9``, rebalance):
-        load the newest snapshot and replay ``[snapshot offset, first_offset)`` from Kafka.
-        ``first_offset`` below it (Faust re-delivering what was processed but not yet
-        committed): keep the store; ``process`` skips the records it already holds.
+    def _seen(self, decoded: DecodedBatch, records: Sequence[Record | LogRecord], now: float) -> np.ndarray:
+        """Arrival time of each sample: its record's broker timestamp, never later than now."""
+        stamps = np.array([now * 1000 if r.timestamp_ms is None else r.timestamp_ms for r in records], dtype=np.float64)
+        return np.minimum(stamps[decoded.source] / 1000.0, now)
+
+    def _is_dead(self, partition: int, offset: int) -> bool:
+        return any(lo <= offset <= hi for lo, hi in self._dead.get(partition, ()))
+
+    async def _ensure_partition(self, partition: int, first_offset: int) -> PartitionState:
+        """The partition's state, rebuilt when the worker has none or the offsets went backwards.
+
+        ``first_offset`` below ``next_offset`` but not below ``redeliver_from`` is
+        the expected re-delivery after a restart whose snapshot was ahead of the
+        commit: ``process`` skips what the store already holds. Anything further
+        back means the log changed under us (topic recreated): rebuild.
         """
         state = self.partitions.get(partition)
-        if state is not None and first_offset <= state.next_offset:
+        if state is not None and first_offset >= state.redeliver_from:
             return state
-        reason = "first sight" if state is None else f"offset jump {state.next_offset} -> {first_offset}"
+        reason = "first sight" if state is None else f"offsets went back from {state.next_offset} to {first_offset}"
         started = time.monotonic()
-        snap = await asyncio.to_thread(self.snapshots.load, partition)
-        store = self._new_store()
-        if snap is not None:
-            try:
-                store = WindowStore.restore(snap.arrays, xp=self.xp)
-            except (KeyError, ValueError) as exc:  # another snapshot format: Kafka still has the data
-                log.warning("snapshot of partition %d unusable (%s): rebuilding from Kafka", partition, exc)
-                snap = None
-        if snap and (store.n_slots != self.settings.window_slots or store.slot_s != self.settings.slot_s):
-            log.warning("snapshot of partition %d has another window shape: rebuilding from Kafka", partition)
-            store, snap = self._new_store(), None
-        start = snap.next_offset if snap else None
-        state = PartitionState(store=store, next_offset=max(first_offset, start or 0), dropped_seen=store.dropped_old)
+        now = self.clock()
+        async with self._partition_log(partition) as plog:
+            plan = await plan_recovery(self._load_snapshot(partition), plog, since_ts=now - self.settings.window_span_s)
+            store, pending = self._restore(plan.snapshot)
+            state = PartitionState(
+                store=store,
+                next_offset=max(first_offset, plan.start) if plan.snapshot else first_offset,
+                redeliver_from=first_offset,
+                dropped_seen=store.dropped_old,
+                pending=pending,
+            )
 
-        def apply(values: list[bytes], keys: list[bytes | None]) -> None:
-            decoded = decode_messages(values, keys, now=self.clock())
-            if len(decoded.vm):
-                store.update(decoded.vm, decoded.host, decoded.ts, decoded.values)
-                state.pending.update(decoded.vm)
+            def apply(records: list[LogRecord]) -> None:
+                records = [r for r in records if not self._is_dead(partition, r.offset)]
+                decoded = self._decode(records, now)
+                if len(decoded.vm):
+                    store.update(decoded.vm, decoded.host, decoded.ts, decoded.values, seen=self._seen(decoded, records, now))
+                    state.pending.update(decoded.vm)
+                if records:
+                    state.last_crc = record_crc(records[-1].key, records[-1].value, records[-1].timestamp_ms)
 
-        since = self.clock() - self.settings.window_span_s
-        replayed = await replay_range(
-            self.settings.aiokafka_kwargs(),
-            self.settings.topic_metrics,
-            partition,
-            start,
-            first_offset,
-            apply,
-            since_ts=since,
-        )
+            replayed = await plog.replay(plan.start, first_offset, apply)
         self.partitions[partition] = state
         if self.metrics is not None:
             self.metrics.recovery_replayed.inc(replayed)
+            self.metrics.recovery_gap.inc(plan.gap)
         log.info(
-            "partition %d ready (%s): snapshot=%s, replayed %d records up to offset %d in %.2fs",
-            partition,
-            reason,
-            "none" if snap is None else f"offset {snap.next_offset}",
-            replayed,
-            first_offset,
-            time.monotonic() - started,
-        )
+            "partition %d ready (%s): %s, replayed %d records [%d, %d) in %.2fs",
+            partition, reason, plan.why, replayed, plan.start, max(plan.start, first_offset), time.monotonic() - started,
+        )  # fmt: skip
         return state
 
+    def _load_snapshot(self, partition: int) -> Any:
+        return self.snapshots.load(partition)
+
+    def _restore(self, snap: Any) -> tuple[WindowStore, set[str]]:
+        """The snapshot's store and pending VMs, or an empty store when it is missing or unusable."""
+        if snap is None:
+            return self._new_store(), set()
+        try:
+            store = WindowStore.restore(snap.arrays, xp=self.xp)
+        except (KeyError, ValueError) as exc:  # another snapshot format: Kafka still has the data
+            log.warning("snapshot unusable (%s): rebuilding from Kafka", exc)
+            return self._new_store(), set()
+        if store.n_slots != self.settings.window_slots or store.slot_s != self.settings.slot_s:
+            log.warning("snapshot has another window shape: rebuilding from Kafka")
+            return self._new_store(), set()
+        pending = {str(v) for v in np.asarray(snap.arrays.get(PENDING_KEY, np.zeros(0, np.str_))).tolist()}
+        return store, pending & set(store.row_of)
+
     def release(self, partitions: Sequence[int]) -> None:
-        """Forget partitions this worker no longer owns (their next owner rebuilds them)."""
+        """Forget partitions (revoked, or half-updated by a failed batch); their next owner rebuilds them."""
         for p in partitions:
             self.partitions.pop(p, None)
 
     # ------------------------------------------------------------------ batch
     async def process(self, records: Sequence[Record]) -> BatchResult:
-        """Handle one micro-batch end to end; returns once every sink write succeeded."""
+        """Handle one micro-batch end to end; returns once every sink write succeeded (or the batch was dead-lettered)."""
         if not records:
             return BatchResult()
-        started = time.perf_counter()
         async with self._lock:
-            by_partition: dict[int, list[Record]] = {}
-            for r in records:
-                by_partition.setdefault(r.partition, []).append(r)
-            states = {p: await self._ensure_partition(p, rs[0].offset) for p, rs in by_partition.items()}
-            # records the windows already hold (re-delivered after a restart) are skipped, not double-counted
-            kept = {p: [r for r in rs if r.offset >= states[p].next_offset] for p, rs in by_partition.items()}
-            skipped = sum(len(rs) - len(kept[p]) for p, rs in by_partition.items())
-            if skipped and self.metrics is not None:
-                self.metrics.recovery_skipped.inc(skipped)
-            by_partition = {p: rs for p, rs in kept.items() if rs}
-            now = self.clock()
-            decoded, scores = await asyncio.to_thread(self._compute, by_partition, states, now)
-            result = BatchResult(samples=sum(len(d.vm) for d in decoded.values()))
-            result.rejected = sum(len(d.rejected) for d in decoded.values())
-            await self._write_sinks(decoded, scores, result)
-            for p, rs in by_partition.items():
-                states[p].next_offset = max(states[p].next_offset, rs[-1].offset + 1)
-            result.scored = sum(len(b) for b in scores)
-            self._observe(decoded, result, started)
-            await self._maybe_snapshot()
+            if self.metrics is not None:
+                self.metrics.batch_begins()
+            try:
+                return await self._process_with_retries(records)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.batch_ends()
+
+    async def _process_with_retries(self, records: Sequence[Record]) -> BatchResult:
+        touched = sorted({r.partition for r in records})
+        delay = 0.5
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return await self._process_once(records)
+            except asyncio.CancelledError:
+                self.release(touched)  # half-applied: the shutdown snapshot must not include it
+                raise
+            except Exception as exc:
+                self.release(touched)
+                if self.metrics is not None:
+                    self.metrics.batch_errors.inc()
+                if attempt == MAX_ATTEMPTS:
+                    log.exception("batch of %d records failed %d times: dead-lettering it", len(records), attempt)
+                    return await self._dead_letter(records, f"worker failed on this batch: {type(exc).__name__}: {exc}")
+                log.exception("batch of %d records failed (attempt %d of %d); retrying in %.1fs",
+                              len(records), attempt, MAX_ATTEMPTS, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+        raise AssertionError("unreachable")
+
+    async def _process_once(self, records: Sequence[Record]) -> BatchResult:
+        started = time.perf_counter()
+        by_partition: dict[int, list[Record]] = {}
+        for r in records:
+            by_partition.setdefault(r.partition, []).append(r)
+        states = {p: await self._ensure_partition(p, rs[0].offset) for p, rs in by_partition.items()}
+        result = BatchResult(commit={p: rs[-1].offset + 1 for p, rs in by_partition.items()})
+        # records the windows already hold (re-delivered after a restart) are skipped, not double-counted
+        kept = {p: [r for r in rs if r.offset >= states[p].next_offset] for p, rs in by_partition.items()}
+        skipped = sum(len(rs) - len(kept[p]) for p, rs in by_partition.items())
+        if skipped and self.metrics is not None:
+            self.metrics.recovery_skipped.inc(skipped)
+        kept = {p: rs for p, rs in kept.items() if rs}
+        now = self.clock()
+        computed = await asyncio.to_thread(self._compute, kept, states, now)
+        result.samples = sum(len(d.vm) for d in computed.decoded.values())
+        result.rejected = sum(len(d.rejected) for d in computed.decoded.values())
+        result.evicted = sum(len(vms) for vms, _ in computed.evicted)
+        await self._write_sinks(computed, kept, result)
+        for p, rs in kept.items():
+            st = states[p]
+            st.next_offset = max(st.next_offset, rs[-1].offset + 1)
+            st.last_crc = record_crc(rs[-1].key, rs[-1].value, rs[-1].timestamp_ms)
+        self._scored(computed)
+        result.scored = sum(len(b) for _, b in computed.scores)
+        self._observe(computed.decoded, result, started)
+        await self._maybe_snapshot()
         return result
 
-    def _compute(
-        self, by_partition: dict[int, list[Record]], states: dict[int, PartitionState], now: float
-    ) -> tuple[dict[int, DecodedBatch], list[ScoreBatch]]:
+    def _compute(self, by_partition: dict[int, list[Record]], states: dict[int, PartitionState], now: float) -> _Computed:
         """CPU/GPU part of a batch, run off the event loop."""
-        decoded: dict[int, DecodedBatch] = {}
-        scores: list[ScoreBatch] = []
+        out = _Computed({}, [], [])
         for p, rs in by_partition.items():
-            d = decode_messages([r.value for r in rs], [r.key for r in rs], now=now)
-            decoded[p] = d
+            d = self._decode(rs, now)
+            out.decoded[p] = d
             state = states[p]
             if len(d.vm):
-                state.store.update(d.vm, d.host, d.ts, d.values)
+                state.store.update(d.vm, d.host, d.ts, d.values, seen=self._seen(d, rs, now))
                 state.pending.update(d.vm)
-            self._maybe_evict(state)
+        for state in states.values():
+            gone = self._maybe_evict(state, now)
+            if gone is not None:
+                out.evicted.append(gone)
             batch = self._score_pending(state, now)
             if batch is not None:
-                scores.append(batch)
-        return decoded, scores
+                out.scores.append((state, batch))
+        return out
 
-    def _maybe_evict(self, state: PartitionState) -> None:
-        """Drop VMs silent for ``vm_ttl_s`` of *stream* time (the partition's newest sample).
-
-        Stream time, not wall time, so that replaying old traces does not evict everything.
-        """
-        if time.monotonic() - state.last_evict < EVICT_EVERY_S or len(state.store) == 0:
-            return
+    def _maybe_evict(self, state: PartitionState, now: float, force: bool = False) -> tuple[list[str], np.ndarray] | None:
+        """Release VMs nothing arrived from for ``vm_ttl_s`` (wall clock: a sample's own ``ts`` cannot evict others)."""
+        if not force and (time.monotonic() - state.last_evict < EVICT_EVERY_S or len(state.store) == 0):
+            return None
         state.last_evict = time.monotonic()
-        newest = float(state.store.last_ts[state.store.active_rows()].max())
-        gone = state.store.evict_idle(newest)
-        if gone:
-            state.pending.difference_update(gone)
-            log.info("evicted %d VMs silent for more than %ss", len(gone), self.settings.vm_ttl_s)
+        rows = state.store.idle_rows(now)
+        if rows.size == 0:
+            return None
+        newest = state.store.last_ts[rows].copy()
+        gone = state.store.release(rows)
+        state.pending.difference_update(gone)
+        log.info("evicted %d VMs silent for more than %ss", len(gone), self.settings.vm_ttl_s)
+        return gone, newest
 
     def _score_pending(self, state: PartitionState, now: float) -> ScoreBatch | None:
         if not state.pending:
@@ -226,47 +328,110 @@ class Pipeline:
         due = self.scorer.due_rows(state.store, rows, now)
         if len(due) == 0:
             return None
-        batch = self.scorer.score(state.store, due, now)
-        state.pending.difference_update(batch.vm)
-        return batch
+        return self.scorer.score(state.store, due, now)
+
+    @staticmethod
+    def _scored(computed: _Computed) -> None:
+        """After the sinks took the scores: those VMs no longer wait for one."""
+        for state, batch in computed.scores:
+            state.pending.difference_update(batch.vm)
 
     async def flush_due(self) -> int:
-        """Score pending VMs that became due with no new traffic (called by a timer)."""
+        """Score pending VMs that became due with no new traffic, and evict idle ones (called by a timer)."""
         async with self._lock:
             now = self.clock()
-            scores = await asyncio.to_thread(
-                lambda: [b for s in self.partitions.values() if (b := self._score_pending(s, now)) is not None]
-            )
-            result = BatchResult()
-            await self._write_sinks({}, scores, result)
-            return sum(len(b) for b in scores)
+
+            def compute() -> _Computed:
+                out = _Computed({}, [], [])
+                for state in self.partitions.values():
+                    if (gone := self._maybe_evict(state, now)) is not None:
+                        out.evicted.append(gone)
+                    if (batch := self._score_pending(state, now)) is not None:
+                        out.scores.append((state, batch))
+                return out
+
+            computed = await asyncio.to_thread(compute)
+            result = BatchResult(evicted=sum(len(v) for v, _ in computed.evicted))
+            await self._write_sinks(computed, {}, result)
+            self._scored(computed)
+            scored = sum(len(b) for _, b in computed.scores)
+            if self.metrics is not None:
+                self.metrics.vms_evicted.inc(result.evicted)
+                self.metrics.vms_scored.inc(scored)
+            return scored
 
     # ------------------------------------------------------------------ sinks
-    async def _write_sinks(
-        self, decoded: dict[int, DecodedBatch], scores: list[ScoreBatch], result: BatchResult
-    ) -> None:
-        futures: list[Any] = []
+    def _dlq_out(self, rejected: Sequence[Rejected], sources: Sequence[Any] | None, headers: tuple = ()) -> list[OutRecord]:
+        topic = self.settings.topic_dlq
+        return [
+            OutRecord(topic, key, value, (*hdrs, *headers), output="dlq")
+            for key, value, hdrs in dlq_records(rejected, sources=sources)
+        ]
+
+    async def _write_sinks(self, computed: _Computed, records: dict[int, list[Record]], result: BatchResult) -> None:
         s = self.settings
-        for d in decoded.values():
-            for key, value, headers in dlq_records(d.rejected):
-                futures.append(await self.producer.send(s.topic_dlq, value=value, key=key, headers=headers))
-        for batch in scores:
-            for key, value in score_records(batch):
-                futures.append(await self.producer.send(s.topic_scores, value=value, key=key))
-            written = await self.retry("redis", lambda b=batch: self.redis_sink.write_counts(b))
-            result.stale += written.skipped
-        if futures:
-            await self.retry("kafka", lambda: asyncio.gather(*futures))
-        if self.history is not None:
-            flush_due = [self.history.write(d) for d in decoded.values() if len(d.vm)]
-            if any(flush_due):
-                try:
-                    await asyncio.to_thread(self.history.flush)
-                except Exception as exc:  # the archive is best effort: rows stay buffered for the next flush
-                    log.warning("history flush failed (%s); rows kept for the next try", exc)
+        out: list[OutRecord] = []
+        for p, d in computed.decoded.items():
+            rs = records[p]
+            sources = [(s.topic_metrics, p, rs[r.index].offset) if r.index >= 0 else None for r in d.rejected]
+            out += self._dlq_out(d.rejected, sources)
+        for _, batch in computed.scores:
+            out += [OutRecord(s.topic_scores, key, value) for key, value in score_records(batch)]
+        writes = [self.retry("redis", lambda b=batch: self.redis_sink.write_counts(b)) for _, batch in computed.scores]
+        for written in await asyncio.gather(self._send(out), *writes):
+            if written is not None:
+                result.stale += written.skipped
+        for vms, newest in computed.evicted:
+            await self.retry("redis", lambda v=vms, t=newest: self.redis_sink.forget(v, t))
+        self._archive(computed.decoded)
+
+    async def _send(self, records: list[OutRecord]) -> None:
+        if not records:
+            return None
+        m = self.metrics
+
+        def on_error(rec: OutRecord, exc: BaseException) -> None:
+            if m is not None:
+                m.kafka_send_errors.labels(output=rec.output).inc()
+
+        def on_healthy(up: bool) -> None:
+            if m is not None:
+                m.set_sink_up("kafka", up)
+
+        await send_all(self.producer, records, on_error=on_error, on_healthy=on_healthy)
+        return None
+
+    def _archive(self, decoded: dict[int, DecodedBatch]) -> None:
+        """Buffer valid samples for the Parquet history; a flush runs in the background (best effort)."""
+        if self.history is None:
+            return
+        due = [self.history.write(d) for d in decoded.values() if len(d.vm)]
+        if any(due):
+            self._start_history_flush()
+
+    def _start_history_flush(self) -> None:
+        if self._history_task is not None and not self._history_task.done():
+            return  # one flush at a time; the next batch starts another if still due
+        if time.monotonic() < self._history_retry_at:
+            return  # the archive just failed: do not regroup the whole buffer on every batch
+
+        async def flush() -> None:
+            try:
+                await asyncio.to_thread(self.history.flush)
+                self._sink_up("history", True)
+            except Exception as exc:  # the archive is best effort: rows stay buffered (bounded) for the next try
+                self._sink_up("history", False)
+                self._history_retry_at = time.monotonic() + self.settings.history_flush_s
+                log.warning("history flush failed (%s); rows kept, next try in %.0f s", exc, self.settings.history_flush_s)
+
+        self._history_task = asyncio.get_running_loop().create_task(flush(), name="history-flush")
+
+    def _sink_up(self, sink: str, up: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.set_sink_up(sink, up)
 
     async def retry(self, what: str, attempt: Callable[[], Any]) -> Any:
-        """Retry a sink write with capped exponential back-off until it succeeds."""
+        """Retry a sink write with capped exponential back-off until it succeeds (``what``: the sink's name)."""
         delay = 0.1
         while True:
             try:
@@ -274,28 +439,68 @@ class Pipeline:
                 out = await attempt()
                 if what == "redis" and self.metrics is not None:
                     self.metrics.redis_write.observe(time.perf_counter() - t0)
+                self._sink_up(what, True)
                 return out
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if self.metrics is not None and what == "redis":
                     self.metrics.redis_errors.inc()
-                log.warning("%s write failed (%s); retrying in %.1fs", what, exc, delay)
+                self._sink_up(what, False)
+                log.warning("%s write failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
+    async def _dead_letter(self, records: Sequence[Record], reason: str) -> BatchResult:
+        """A batch that keeps failing: its records to the DLQ, their offsets skipped from now on."""
+        by_partition: dict[int, list[Record]] = {}
+        for r in records:
+            by_partition.setdefault(r.partition, []).append(r)
+        out: list[OutRecord] = []
+        for p, rs in by_partition.items():
+            self._dead.setdefault(p, []).append((rs[0].offset, rs[-1].offset))
+            rejected = [Rejected(raw=r.value, key=r.key, reason=reason) for r in rs]
+            out += self._dlq_out(rejected, [(self.settings.topic_metrics, p, r.offset) for r in rs])
+        await self._send(out)
+        if self.metrics is not None:
+            self.metrics.dlq.inc(len(records))
+        return BatchResult(dead_lettered=len(records), commit={p: rs[-1].offset + 1 for p, rs in by_partition.items()})
 
     # ------------------------------------------------------------------ snapshots
-    async def _maybe_snapshot(self, force: bool = False) -> None:
+    async def _maybe_snapshot(self, force: bool = False, only: Sequence[int] | None = None) -> None:
         now = time.monotonic()
-        for p, state in self.partitions.items():
+        for p, state in list(self.partitions.items()):
+            if only is not None and p not in only:
+                continue
             if force or now - state.last_snapshot >= self.settings.snapshot_every_s:
                 arrays = state.store.snapshot()
-                await asyncio.to_thread(self.snapshots.save, p, arrays, state.next_offset)
+                arrays[PENDING_KEY] = np.array(sorted(state.pending), dtype=np.str_)
+                try:
+                    await asyncio.to_thread(self.snapshots.save, p, arrays, state.next_offset, state.last_crc)
+                    self._sink_up("snapshots", True)
+                    self._dead[p] = [(lo, hi) for lo, hi in self._dead.get(p, []) if hi >= state.next_offset]
+                except Exception as exc:  # disk full, store down: recovery replays more from Kafka instead
+                    if self.metrics is not None:
+                        self.metrics.snapshot_errors.inc()
+                    self._sink_up("snapshots", False)
+                    log.error("snapshot of partition %d failed (%s); recovery will replay more from Kafka", p, exc)
                 state.last_snapshot = now
 
-    async def snapshot_all(self) -> None:
+    async def snapshot_all(self, only: Sequence[int] | None = None) -> None:
         async with self._lock:
-            await self._maybe_snapshot(force=True)
+            await self._maybe_snapshot(force=True, only=only)
+
+    async def snapshot_and_release(self, partitions: Sequence[int], timeout_s: float) -> None:
+        """On revocation: snapshot then forget ``partitions``; a batch stuck on a sink is not waited for longer than ``timeout_s``."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.snapshot_all(only=partitions), timeout_s)
+        self.release(partitions)
+
+    async def wait_history(self) -> None:
+        task = self._history_task
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
 
     # ------------------------------------------------------------------ metrics
     def _observe(self, decoded: dict[int, DecodedBatch], result: BatchResult, started: float) -> None:
@@ -306,6 +511,7 @@ class Pipeline:
         m.samples_invalid.inc(result.rejected)
         m.dlq.inc(result.rejected)
         m.vms_scored.inc(result.scored)
+        m.vms_evicted.inc(result.evicted)
         m.batch_size.observe(result.samples)
         m.batch_latency.observe(time.perf_counter() - started)
         written = self.clock()  # after the sinks: lag = sample ts -> score in Redis
@@ -318,4 +524,9 @@ class Pipeline:
                 state.dropped_seen = state.store.dropped_old
         m.window_store_vms.set(sum(len(s.store) for s in self.partitions.values()))
         m.window_store_bytes.set(sum(s.store.nbytes for s in self.partitions.values()))
-
+        if self.history is not None:
+            m.history_buffered.set(self.history.buffered_rows)
+            dropped = self.history.dropped_rows
+            if dropped > self._history_dropped_seen:
+                m.history_dropped.inc(dropped - self._history_dropped_seen)
+                self._history_dropped_seen = dropped

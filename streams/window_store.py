@@ -3,18 +3,27 @@
 Layout: ``sums`` and ``counts`` of shape ``(capacity, n_slots, C)`` (C =
 ``WINDOW_CHANNELS``) live on the compute device (NumPy or CuPy ``xp``); slot
 ``s`` (absolute, ``floor(ts / slot_s)``) sits at ring position ``s % n_slots``.
-Row metadata (newest slot, newest sample time, memory size, vCPUs, host code,
-latest network rate, last scoring) stays in NumPy on the host: it is small and
-the VM -> row mapping needs it. ``update`` is vectorised over the batch; the
-only per-sample Python is the vm -> row dict lookup, once per distinct VM
-of the batch (and once per distinct host).
+Row metadata (newest slot, newest sample time, when the VM was last heard
+from, memory size, vCPUs, host code, latest network rate, last scoring) stays in
+NumPy on the host: it is small and the VM -> row mapping needs it. ``update`` is
+vectorised over the batch; ids are factorised by hash (``pandas.factorize``, no
+fixed-width string arrays: one 256-character id must not slow a whole batch),
+and the only Python loop is the vm -> row dict lookup, once per distinct VM of
+the batch (and once per distinct host).
+
+Two clocks per VM: ``last_ts`` is the newest *sample* time (what the window and
+the scores are about; replays of old traces keep old times) and ``last_seen``
+is the *wall-clock* time a sample for it last arrived (what eviction uses: a VM
+is gone when nothing has arrived for ``ttl_s``, whatever its samples claim).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from gpu_kernels.downtime import dirty_rate_proxy
 from gpu_kernels.features import WINDOW_CHANNELS
@@ -75,6 +84,7 @@ class WindowStore:
         self.counts = xp.zeros((0, self.n_slots, C), dtype=xp.int32)
         self.last_slot = np.zeros(0, dtype=np.int64)
         self.last_ts = np.zeros(0, dtype=np.float64)
+        self.last_seen = np.zeros(0, dtype=np.float64)
         self.mem_total_mb = np.zeros(0, dtype=np.float32)
         self.vcpus = np.zeros(0, dtype=np.float32)
         self.latest_net = np.zeros(0, dtype=np.float32)
@@ -108,6 +118,7 @@ class WindowStore:
         pad = new_cap - old
         self.last_slot = np.concatenate([self.last_slot, np.full(pad, -1, np.int64)])
         self.last_ts = np.concatenate([self.last_ts, np.full(pad, -np.inf)])
+        self.last_seen = np.concatenate([self.last_seen, np.full(pad, -np.inf)])
         self.mem_total_mb = np.concatenate([self.mem_total_mb, np.full(pad, np.nan, np.float32)])
         self.vcpus = np.concatenate([self.vcpus, np.full(pad, np.nan, np.float32)])
         self.latest_net = np.concatenate([self.latest_net, np.full(pad, np.nan, np.float32)])
@@ -130,6 +141,7 @@ class WindowStore:
         self.counts[r_dev] = 0
         self.last_slot[rows] = -1
         self.last_ts[rows] = -np.inf
+        self.last_seen[rows] = -np.inf
         for a in (self.mem_total_mb, self.vcpus, self.latest_net, self.latest_mem):
             a[rows] = np.nan
         self.host_code[rows] = -1
@@ -137,10 +149,10 @@ class WindowStore:
         self.scored_slot[rows] = -1
         self.forecast_slot[rows] = -1
 
-    def _rows_for(self, vms: np.ndarray) -> np.ndarray:
+    def _rows_for(self, vms: Any) -> np.ndarray:
         """Rows of distinct VM ids, allocating (and growing) for new ones."""
         rows = np.empty(len(vms), dtype=np.int64)
-        for i, vm in enumerate(vms.tolist()):
+        for i, vm in enumerate(vms.tolist() if isinstance(vms, np.ndarray) else list(vms)):
             r = self.row_of.get(vm)
             if r is None:
                 if not self.free:
@@ -155,9 +167,13 @@ class WindowStore:
         """Rows of the given VM ids that the store holds (unknown ids are skipped)."""
         return np.fromiter((r for vm in vms if (r := self.row_of.get(vm)) is not None), dtype=np.int64)
 
-    def _host_codes(self, hosts: np.ndarray) -> np.ndarray:
+    def _host_codes(self, hosts: Any) -> np.ndarray:
+        """Codes of distinct host names (new ones registered); "" (no host) is -1."""
         codes = np.empty(len(hosts), dtype=np.int32)
-        for i, h in enumerate(hosts.tolist()):
+        for i, h in enumerate(hosts.tolist() if isinstance(hosts, np.ndarray) else list(hosts)):
+            if h == "":
+                codes[i] = -1
+                continue
             c = self.host_index.get(h)
             if c is None:
                 c = self.host_index[h] = len(self.hosts)
@@ -166,12 +182,16 @@ class WindowStore:
         return codes
 
     # ------------------------------------------------------------------ update
-    def update(self, vm: list[str], host: list[str], ts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def update(
+        self, vm: list[str], host: list[str], ts: np.ndarray, values: np.ndarray, seen: Any = None
+    ) -> np.ndarray:
         """Add a batch of samples; returns the (distinct) rows touched.
 
         Samples average into their slot; a VM moving to a newer slot clears the
         slots in between (gaps stay NaN); samples older than the window are
-        dropped and counted in ``dropped_old``.
+        dropped and counted in ``dropped_old``. ``seen``: when each sample arrived
+        (wall clock, epoch s; one number or one per sample; default now), kept
+        per VM as ``last_seen`` for eviction.
         """
         ts = np.asarray(ts, dtype=np.float64)
         n = ts.shape[0]
@@ -180,8 +200,13 @@ class WindowStore:
         if len(vm) != n or len(host) != n or len(values) != n:
             raise ValueError("vm, host, ts and values must have one entry per sample")
         chans = derive_channels(values)
-        uvm, inv = np.unique(np.asarray(vm, dtype=np.str_), return_inverse=True)
+        inv, uvm = pd.factorize(np.asarray(vm, dtype=object))
+        inv = inv.astype(np.int64)
         urows = self._rows_for(uvm)
+        seen_at = np.broadcast_to(np.asarray(time.time() if seen is None else seen, dtype=np.float64), (n,))
+        batch_seen = np.full(len(uvm), -np.inf)
+        np.maximum.at(batch_seen, inv, seen_at)
+        self.last_seen[urows] = np.maximum(self.last_seen[urows], batch_seen)
         S = self.n_slots
         slot = np.floor(ts / self.slot_s).astype(np.int64)
 
@@ -236,14 +261,12 @@ class WindowStore:
             g, v, k = _last_per_group(order, inv, ts, column)
             newer = k >= prev_ts[g]
             target[urows[g[newer]]] = v[newer]
-        hosts = np.asarray(host, dtype=np.str_)
-        has_host = hosts != ""
-        if has_host.any():
-            sample = np.where(has_host, np.arange(n, dtype=np.float64), np.nan)
-            g, pick, k = _last_per_group(order, inv, ts, sample)
+        hinv, uhost = pd.factorize(np.asarray(host, dtype=object))
+        codes = self._host_codes(uhost)[hinv]
+        if (codes >= 0).any():
+            g, code, k = _last_per_group(order, inv, ts, np.where(codes >= 0, codes, np.nan))
             newer = k >= prev_ts[g]
-            pick = pick[newer].astype(np.int64)
-            self.host_code[urows[g[newer]]] = self._host_codes(hosts[pick])
+            self.host_code[urows[g[newer]]] = code[newer].astype(np.int32)
         return urows
 
     # ------------------------------------------------------------------ reads
@@ -293,11 +316,14 @@ class WindowStore:
         total = np.where(c >= 0, per_host[np.maximum(c, 0)] if len(per_host) else 0, own)
         return (total - own if exclude_self else total).astype(np.float32)
 
-    def evict_idle(self, now: float) -> list[str]:
-        """Release VMs silent for more than ``ttl_s``; returns their ids."""
+    def idle_rows(self, now: float) -> np.ndarray:
+        """Rows from which nothing arrived for more than ``ttl_s`` before ``now`` (wall clock)."""
         active = self.active_rows()
-        idle = active[self.last_ts[active] < now - self.ttl_s]
-        return self.release(idle)
+        return active[self.last_seen[active] < now - self.ttl_s]
+
+    def evict_idle(self, now: float) -> list[str]:
+        """Release VMs from which nothing arrived for more than ``ttl_s`` (wall clock); returns their ids."""
+        return self.release(self.idle_rows(now))
 
     def release(self, rows: Any) -> list[str]:
         rows = np.asarray(rows, dtype=np.int64)
@@ -357,6 +383,7 @@ class WindowStore:
         return {
             "last_slot": self.last_slot,
             "last_ts": self.last_ts,
+            "last_seen": self.last_seen,
             "mem_total_mb": self.mem_total_mb,
             "vcpus": self.vcpus,
             "latest_net": self.latest_net,
@@ -397,6 +424,8 @@ class WindowStore:
         for name, a in store._host_arrays().items():
             if name in arrays:  # snapshots from before an attribute existed leave it NaN/-1
                 a[rows] = np.asarray(arrays[name], dtype=a.dtype)
+        if "last_seen" not in arrays:  # older snapshots: count silence from the restore on
+            store.last_seen[rows] = time.time()
         store.sums[xp.asarray(rows)] = xp.asarray(np.asarray(arrays["sums"], dtype=np.float32))
         store.counts[xp.asarray(rows)] = xp.asarray(np.asarray(arrays["counts"], dtype=np.int32))
         return store

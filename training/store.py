@@ -22,6 +22,17 @@ from training.model import KNOWN_FEATURE_HASHES, ForecastModel, ModelRejected
 LATEST = "LATEST"
 #: ``20261127T034500Z-1a2b3c4d``: sorts by publication time.
 VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+#: Listing fields that change when a file is rewritten: local (size, mtime, ctime, inode), s3fs (ETag,
+#: LastModified), gcsfs (etag, updated, generation), memory (created).
+FINGERPRINT_KEYS = ("size", "mtime", "created", "ino", "ETag", "etag", "LastModified", "updated", "generation")
+
+
+class NoLoadableModel(ModelRejected):
+    """The store has versions but none of them may be served (unlike an empty store: ``FileNotFoundError``)."""
+
+    def __init__(self, reason: str, skipped: list[tuple[str, str]]) -> None:
+        super().__init__(reason)
+        self.skipped = skipped
 
 
 def new_version(model: ForecastModel, now: float | None = None) -> str:
@@ -99,12 +110,30 @@ class ModelStore:
 
     def list_versions(self) -> list[str]:
         """Published versions, oldest first (half-written temp dirs excluded)."""
+        names = (_name(e) for e in self._ls(self.root, detail=False))
+        return sorted(n for n in names if VERSION_RE.match(n))
+
+    def fingerprint(self, version: str) -> str:
+        """A cheap digest of ``version``'s directory listing (names, sizes, times or etags); "" when absent.
+
+        It changes when any file of the version is added, removed or rewritten, which is what tells a
+        watcher that a refused version (say, seen while still being copied) deserves another look.
+        """
+        if not VERSION_RE.match(version):
+            return ""  # never list outside the store; load() refuses such a name anyway
+        lines = sorted(
+            "\t".join([_name(e["name"]), *(f"{k}={e[k]}" for k in FINGERPRINT_KEYS if k in e)])
+            for e in self._ls(self._path(version), detail=True)
+        )
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16] if lines else ""
+
+    def _ls(self, path: str, *, detail: bool) -> list[Any]:
+        """A fresh listing (s3fs and gcsfs cache listings for the life of the process); [] when absent."""
+        self.fs.invalidate_cache(path)
         try:
-            entries = self.fs.ls(self.root, detail=False)
+            return list(self.fs.ls(path, detail=detail))
         except FileNotFoundError:
             return []
-        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        return sorted(n for n in names if VERSION_RE.match(n))
 
     def load(self, version: str | None = None, *, slot_s: int | None = None) -> ForecastModel:
         """Load ``version`` (default ``LATEST``), verified; ``ModelRejected`` if it must not be served."""
@@ -117,6 +146,42 @@ class ModelStore:
         if model.version != version:
             raise ModelRejected(f"{self._url(version)}: manifest says version {model.version!r}")
         return model
+
+    def load_newest_loadable(self, slot_s: int | None = None) -> tuple[ForecastModel, list[tuple[str, str]]]:
+        """The model a starting worker should serve, and the ``(version, reason)`` of those refused first.
+
+        A broken ``LATEST`` (corrupt, half-uploaded, incompatible) must not crash-loop workers, so
+        every version is tried: ``LATEST`` first, then the older ones newest first, then those newer
+        than ``LATEST`` oldest first (a rollback put them aside). Only ``ModelRejected`` skips a
+        version; other errors (store unreachable) propagate. Raises ``FileNotFoundError`` for an
+        empty store and ``NoLoadableModel`` when versions exist but none loads. Nothing is written.
+        """
+        latest = self.latest_version()
+        candidates = self._fallback_order(latest)
+        if not candidates:
+            raise FileNotFoundError(f"model store {self.url} is empty (no {LATEST}, no versions)")
+        skipped: list[tuple[str, str]] = []
+        for version in candidates:
+            try:
+                return self.load(version, slot_s=slot_s), skipped
+            except ModelRejected as exc:
+                skipped.append((version, exc.reason))
+        more = f" (and {len(skipped) - 1} more refused)" if len(skipped) > 1 else ""
+        summary = f"{self.url}: none of the {len(skipped)} versions loads (LATEST: {latest or 'none'})"
+        raise NoLoadableModel(f"{summary}; {skipped[0][1]}{more}", skipped)
+
+    def _fallback_order(self, latest: str | None) -> list[str]:
+        """``latest``, then older versions newest first, then newer ones oldest first."""
+        versions = self.list_versions()
+        anchor = latest if latest and VERSION_RE.match(latest) else None  # a garbage LATEST orders nothing
+        older = [v for v in versions if anchor is None or v < anchor]
+        newer = [v for v in versions if anchor is not None and v > anchor]
+        return ([latest] if latest else []) + older[::-1] + newer
+
+
+def _name(entry: str) -> str:
+    """The last component of a listed path (local paths, ``bucket/prefix/x`` and URLs alike)."""
+    return entry.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -45,12 +45,12 @@ def _run(coro_fn: Any, settings: Any) -> Any:
     try:
         return asyncio.run(main())
     except OSError as exc:  # connection refused and friends
-        raise _fail(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        raise _fail(f"cannot reach Redis at {settings.redis_address}: {exc}") from exc
     except Exception as exc:
         import redis
 
         if isinstance(exc, redis.RedisError):
-            raise _fail(f"Redis error ({settings.redis_url}): {exc}") from exc
+            raise _fail(f"Redis error ({settings.redis_address}): {exc}") from exc
         raise
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 from app.context import settings_of
@@ -14,37 +16,46 @@ def register(cli: typer.Typer) -> None:
     @app.command("up")
     def up(
         ctx: typer.Context,
-        timeout: float = typer.Option(90.0, help="seconds to wait until both services answer"),
+        names: Optional[list[str]] = typer.Argument(None, help="kafka and/or redis (default: both)"),
+        timeout: float = typer.Option(90.0, help="seconds to wait until the services answer"),
     ) -> None:
-        """Start Kafka and Redis unless already running, then wait until both answer."""
+        """Start Kafka and Redis (or only the named ones) unless already running, then wait until they answer."""
         from app import services
 
         settings = settings_of(ctx)
         try:
-            states = services.up(settings, echo=typer.echo, timeout_s=timeout)
+            states = services.up(settings, echo=typer.echo, timeout_s=timeout, only=names)
         except services.ServiceError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from exc
         _print(states)
 
     @app.command("down")
-    def down(ctx: typer.Context) -> None:
-        """Stop the Kafka and Redis processes that `up` started for these addresses."""
+    def down(
+        ctx: typer.Context,
+        names: Optional[list[str]] = typer.Argument(None, help="kafka and/or redis (default: both)"),
+        kill: bool = typer.Option(False, "--kill", help="SIGKILL at once (simulates a crash) instead of a clean stop"),
+    ) -> None:
+        """Stop the Kafka and Redis processes (or only the named ones) that `up` started for these addresses."""
         from app import services
 
         try:
-            services.down(settings_of(ctx), echo=typer.echo)
+            services.down(settings_of(ctx), echo=typer.echo, only=names, kill=kill)
         except services.ServiceError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from exc
 
     @app.command("status")
     def status(ctx: typer.Context) -> None:
-        """Show each service: running (started by zhuge), foreign (port held by another process) or stopped."""
+        """Show each service: running (started by zhuge), foreign (port held by another process) or stopped.
+
+        A listening service is also asked for a round trip with the configured security settings
+        (TLS, SASL, password), so a stack started with other ones shows as "does NOT answer".
+        """
         from app import services
 
         try:
-            _print(services.status(settings_of(ctx)))
+            _print(services.status(settings_of(ctx), probe=True))
         except services.ServiceError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from exc

@@ -13,21 +13,50 @@ Why ``flush()`` is sync: writing is blocking I/O; the worker calls
 ``write()`` on the event loop (cheap: it only appends array references) and,
 when it returns True (or on a timer), runs ``flush()`` in a thread. A lock
 swaps the buffer out at the start of a flush so writes can continue meanwhile.
+
+Why bounded: the archive is best effort (Kafka still holds the samples), but a
+worker must not run out of memory because a disk filled up or an object store
+went away. Beyond ``max_buffer_rows`` the oldest rows are dropped and counted in
+``dropped_rows``. A flush writes one file per UTC hour; when one fails, only the
+hours not yet written go back to the buffer, so a retry never duplicates rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 import uuid
-from itertools import chain
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_ROWS = 200_000
 DEFAULT_MAX_AGE_S = 60.0
+DEFAULT_MAX_BUFFER_ROWS = 2_000_000
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Equal-length columns of buffered samples (vm/host: lists from ``write``, object arrays after grouping)."""
+
+    vm: Sequence[str]
+    host: Sequence[str]
+    ts: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def tail(self, start: int) -> _Rows:
+        """The rows from ``start`` on (the newest ones)."""
+        return _Rows(self.vm[start:], self.host[start:], self.ts[start:], self.values[start:])
 
 
 class HistorySink:
@@ -39,6 +68,7 @@ class HistorySink:
         *,
         max_rows: int = DEFAULT_MAX_ROWS,
         max_age_s: float = DEFAULT_MAX_AGE_S,
+        max_buffer_rows: int = DEFAULT_MAX_BUFFER_ROWS,
         metrics: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -46,6 +76,8 @@ class HistorySink:
 
         if max_rows < 1 or max_age_s <= 0:
             raise ValueError("max_rows must be >= 1 and max_age_s > 0")
+        if max_buffer_rows < max_rows:
+            raise ValueError(f"max_buffer_rows ({max_buffer_rows}) must be >= max_rows ({max_rows})")
         if metrics is None:
             from streams.schema import METRICS
 
@@ -54,13 +86,27 @@ class HistorySink:
         self.metrics = tuple(metrics)
         self.max_rows = max_rows
         self.max_age_s = max_age_s
+        self.max_buffer_rows = max_buffer_rows
+        #: Rows dropped (oldest first) because the buffer was full while flushes failed; only grows.
+        self.dropped_rows = 0
         self._clock = clock
         self._fs, self._root = fsspec.core.url_to_fs(url)
         self._local = "file" in (self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,))
         self._lock = threading.Lock()
-        self._chunks: list[tuple[list[str], list[str], np.ndarray, np.ndarray]] = []
+        self._chunks: list[_Rows] = []
         self._rows = 0
         self._since: float | None = None  # clock time of the oldest buffered row
+        self._dropping = False  # rows dropped since the last successful flush (warned once)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> HistorySink:
+        """The worker's sink: ``ZHUGE_HISTORY_URL`` with its flush thresholds and buffer bound."""
+        return cls(
+            settings.history_url,
+            max_rows=settings.history_flush_rows,
+            max_age_s=settings.history_flush_s,
+            max_buffer_rows=settings.history_buffer_rows,
+        )
 
     @property
     def buffered_rows(self) -> int:
@@ -77,10 +123,11 @@ class HistorySink:
             if ts.shape != (n,) or len(decoded.host) != n:
                 raise ValueError("DecodedBatch columns vm, host, ts and values must have one length")
             with self._lock:
-                self._chunks.append((list(decoded.vm), list(decoded.host), ts, values))
+                self._chunks.append(_Rows(list(decoded.vm), list(decoded.host), ts, values))
                 self._rows += n
                 if self._since is None:
                     self._since = self._clock()
+                self._drop_oldest_beyond_bound()
         return self.flush_due()
 
     def flush_due(self) -> bool:
@@ -88,62 +135,117 @@ class HistorySink:
         return self._rows >= self.max_rows or (since is not None and self._clock() - since >= self.max_age_s)
 
     def flush(self) -> list[str]:
-        """Write everything buffered (blocking I/O: run it in a thread); returns the file paths written."""
+        """Write everything buffered (blocking I/O: run it in a thread); returns the file paths written.
+
+        On a failure the hours not yet written go back to the buffer and the error is raised.
+        """
         with self._lock:
             chunks, self._chunks = self._chunks, []
             self._rows, self._since = 0, None
         if not chunks:
             return []
-        try:
-            return self._write_files(chunks)
-        except BaseException:
-            with self._lock:  # keep the rows for the next try rather than lose them
-                self._chunks[:0] = chunks
-                self._rows += sum(len(c[0]) for c in chunks)
-                self._since = self._since if self._since is not None else self._clock()
-            raise
+        groups = self._hour_groups(chunks)
+        paths: list[str] = []
+        for i, (hour, rows) in enumerate(groups):
+            try:
+                paths.append(self._write_one(hour, rows))
+            except BaseException:
+                self._put_back([g for _, g in groups[i:]])
+                raise
+        self._end_outage()
+        return paths
 
     def close(self) -> list[str]:
         """Flush what is left; call on shutdown."""
         return self.flush()
 
     # ------------------------------------------------------------------
-    def _write_files(self, chunks: list[tuple[list[str], list[str], np.ndarray, np.ndarray]]) -> list[str]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def _put_back(self, unwritten: list[_Rows]) -> None:
+        """Return rows a flush could not write, ahead of those written meanwhile (they are older)."""
+        with self._lock:
+            self._chunks[:0] = unwritten
+            self._rows += sum(len(c) for c in unwritten)
+            self._since = self._since if self._since is not None else self._clock()
+            self._drop_oldest_beyond_bound()
 
-        vm = np.array(list(chain.from_iterable(c[0] for c in chunks)), dtype=object)
-        host = np.array(list(chain.from_iterable(c[1] for c in chunks)), dtype=object)
-        ts = np.concatenate([c[2] for c in chunks])
-        values = np.concatenate([c[3] for c in chunks])
+    def _drop_oldest_beyond_bound(self) -> None:
+        """Keep at most ``max_buffer_rows`` (caller holds the lock); warn once per outage."""
+        excess = self._rows - self.max_buffer_rows
+        if excess <= 0:
+            return
+        self._rows -= excess
+        self.dropped_rows += excess
+        while excess > 0:
+            oldest = self._chunks[0]
+            if len(oldest) <= excess:
+                self._chunks.pop(0)
+                excess -= len(oldest)
+            else:
+                self._chunks[0] = oldest.tail(excess)
+                excess = 0
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "history archive %s unwritable or too slow: buffer full at %d rows, dropping the oldest "
+                "(counted in dropped_rows) until a flush succeeds", self.url, self.max_buffer_rows,
+            )
+
+    def _end_outage(self) -> None:
+        with self._lock:
+            ended, self._dropping = self._dropping, False
+        if ended:
+            log.info("history archive %s writable again; %d rows dropped in all so far", self.url, self.dropped_rows)
+
+    @staticmethod
+    def _hour_groups(chunks: list[_Rows]) -> list[tuple[int, _Rows]]:
+        """All buffered rows as one ``_Rows`` per UTC hour (epoch hours, ascending; arrival order within)."""
+        vm = np.array(list(chain.from_iterable(c.vm for c in chunks)), dtype=object)
+        host = np.array(list(chain.from_iterable(c.host for c in chunks)), dtype=object)
+        ts = np.concatenate([c.ts for c in chunks])
+        values = np.concatenate([c.values for c in chunks])
         hour = np.floor(ts / 3600.0).astype(np.int64)
         order = np.argsort(hour, kind="stable")
         hours, starts = np.unique(hour[order], return_index=True)
         bounds = np.append(starts, len(order))
-        paths: list[str] = []
+        groups = []
         for h, lo, hi in zip(hours.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
             idx = order[lo:hi]
-            columns = {
-                "vm": pa.array(vm[idx], type=pa.string()),
-                "host": pa.array(host[idx], type=pa.string()),
-                "ts": pa.array(ts[idx]),
-            }
-            vals = values[idx]
-            for j, name in enumerate(self.metrics):
-                columns[name] = pa.array(vals[:, j])
-            table = pa.table(columns)
-            stamp = np.datetime64(h, "h").astype(object)  # datetime of that UTC hour
-            folder = f"{self._root.rstrip('/')}/date={stamp:%Y-%m-%d}/hour={stamp:%H}"
-            name = f"part-{uuid.uuid4().hex}.parquet"
-            path = f"{folder}/{name}"
-            self._fs.makedirs(folder, exist_ok=True)
-            if self._local:  # readers globbing *.parquet never see a half-written file
-                tmp = f"{folder}/.{name}.tmp"
-                with self._fs.open(tmp, "wb") as f:
-                    pq.write_table(table, f, compression="zstd")
+            groups.append((h, _Rows(vm[idx], host[idx], ts[idx], values[idx])))
+        return groups
+
+    def _write_one(self, hour: int, rows: _Rows) -> str:
+        """Write one hour's rows as a new Parquet file, all or nothing; returns its path."""
+        stamp = np.datetime64(hour, "h").astype(object)  # datetime of that UTC hour
+        folder = f"{self._root.rstrip('/')}/date={stamp:%Y-%m-%d}/hour={stamp:%H}"
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        path = f"{folder}/{name}"
+        data = self._parquet_bytes(rows)
+        self._fs.makedirs(folder, exist_ok=True)
+        if self._local:  # readers globbing *.parquet never see a half-written file
+            tmp = f"{folder}/.{name}.tmp"
+            try:
+                self._fs.pipe_file(tmp, data)
                 self._fs.mv(tmp, path)
-            else:  # object stores make a PUT visible atomically
-                with self._fs.open(path, "wb") as f:
-                    pq.write_table(table, f, compression="zstd")
-            paths.append(path)
-        return paths
+            except BaseException:
+                with contextlib.suppress(Exception):  # a full disk must not keep the partial file
+                    self._fs.rm(tmp)
+                raise
+        else:  # one PUT: object stores make it visible whole or not at all
+            self._fs.pipe_file(path, data)
+        return path
+
+    def _parquet_bytes(self, rows: _Rows) -> bytes:
+        """Encoded in memory first, so a failing write can never leave a truncated file behind."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {
+            "vm": pa.array(rows.vm, type=pa.string()),
+            "host": pa.array(rows.host, type=pa.string()),
+            "ts": pa.array(rows.ts),
+        }
+        for j, name in enumerate(self.metrics):
+            columns[name] = pa.array(rows.values[:, j])
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(columns), sink, compression="zstd")
+        return sink.getvalue().to_pybytes()

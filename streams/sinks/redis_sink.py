@@ -8,6 +8,13 @@ Layout (DESIGN.md contract, prefix default ``zhuge:``):
 - ``<prefix>rank:window`` sorted set: vm -> best_start
 - ``<prefix>host:<host>`` set of vm ids (a VM that moves is removed from the old set)
 
+Redis holds the VMs that are alive: every write refreshes a TTL
+(``redis_ttl_s``) on the VM's hash and its host set; a worker that evicts a VM
+(nothing arrived for ``vm_ttl_s``) removes it from the ranks, its host set and
+deletes its hash (``forget``, newer-wins too: a VM another worker scored since
+is left alone); ``prune`` sweeps rank and host-set members whose hash expired
+(a VM whose worker died before it could forget it).
+
 Why a Lua script: two workers (or a replay behind a live stream) can race on
 the same VM; the check "stored last_ts <= new last_ts" and the writes must be
 one atomic step server-side, and one EVALSHA per chunk of VMs (all fields
@@ -39,6 +46,7 @@ PER_VM = 8
 _WRITE_LUA = """
 local prefix, model, updated = ARGV[1], ARGV[2], ARGV[3]
 local a = cjson.decode(ARGV[4])
+local ttl = tonumber(ARGV[5])
 local rank_now, rank_window = prefix .. 'rank:now', prefix .. 'rank:window'
 local written, skipped = 0, 0
 for i = 1, #a, 8 do
@@ -54,6 +62,7 @@ for i = 1, #a, 8 do
       'best_downtime_ms', a[i + 5], 'now_downtime_ms', a[i + 6],
       'p_ok', a[i + 7], 'model', model, 'last_ts', last_ts,
       'updated', updated, 'host', host)
+    redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', rank_now, a[i + 6], vm)
     redis.call('ZADD', rank_window, a[i + 3], vm)
     local old_host = old[2]
@@ -62,11 +71,50 @@ for i = 1, #a, 8 do
     end
     if host ~= '' then
       redis.call('SADD', prefix .. 'host:' .. host, vm)
+      redis.call('EXPIRE', prefix .. 'host:' .. host, ttl)
     end
     written = written + 1
   end
 end
 return {written, skipped}
+"""
+
+# ARGV: prefix, then ONE JSON array of strings: vm, last_ts (newest sample the evicting worker had).
+# A VM whose stored score came from a newer sample belongs to someone else now: left alone.
+_FORGET_LUA = """
+local prefix = ARGV[1]
+local a = cjson.decode(ARGV[2])
+local forgotten = 0
+for i = 1, #a, 2 do
+  local vm, last_ts = a[i], tonumber(a[i + 1])
+  local key = prefix .. 'vm:' .. vm
+  local old = redis.call('HMGET', key, 'last_ts', 'host')
+  local old_ts = tonumber(old[1])
+  if not old_ts or old_ts <= last_ts then
+    redis.call('ZREM', prefix .. 'rank:now', vm)
+    redis.call('ZREM', prefix .. 'rank:window', vm)
+    if old[2] and old[2] ~= '' then
+      redis.call('SREM', prefix .. 'host:' .. old[2], vm)
+    end
+    redis.call('DEL', key)
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
+"""
+
+# KEYS[1]: a rank (sorted set) or a host set; ARGV: prefix, 'z' or 's', members. Members whose hash
+# is gone (expired or deleted) are removed.
+_PRUNE_LUA = """
+local prefix, kind = ARGV[1], ARGV[2]
+local removed = 0
+for i = 3, #ARGV do
+  if redis.call('EXISTS', prefix .. 'vm:' .. ARGV[i]) == 0 then
+    if kind == 'z' then redis.call('ZREM', KEYS[1], ARGV[i]) else redis.call('SREM', KEYS[1], ARGV[i]) end
+    removed = removed + 1
+  end
+end
+return removed
 """
 
 _NUMERIC = ("best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "p_ok", "last_ts", "updated")
@@ -100,7 +148,10 @@ class RedisSink:
         self.prefix = settings.redis_prefix
         self.client = client
         self.chunk_vms = chunk_vms
+        self.ttl_s = int(settings.redis_ttl_s)
         self._script = client.register_script(_WRITE_LUA)
+        self._forget = client.register_script(_FORGET_LUA)
+        self._prune = client.register_script(_PRUNE_LUA)
 
     def _argv(self, batch: ScoreBatch, lo: int, hi: int, cols: dict[str, list[Any]]) -> list[Any]:
         per_vm = [
@@ -112,7 +163,7 @@ class RedisSink:
         flat: list[Any] = [None] * (PER_VM * (hi - lo))
         for j, column in enumerate(per_vm):
             flat[j::PER_VM] = column  # interleave columns without a per-VM Python loop
-        return [self.prefix, batch.model, repr(float(batch.updated)), _ENCODE(flat)]
+        return [self.prefix, batch.model, repr(float(batch.updated)), _ENCODE(flat), str(self.ttl_s)]
 
     async def write(self, batch: ScoreBatch) -> int:
         """Write the batch; returns how many VMs were written (stale ones skipped)."""
@@ -146,6 +197,56 @@ class RedisSink:
                 written += int(w)
                 skipped += int(s)
         return WriteResult(written, skipped)
+
+
+    async def forget(self, vms: list[str], last_ts: np.ndarray) -> int:
+        """Remove evicted VMs from the ranks, their host set and delete their hash; returns how many.
+
+        ``last_ts``: the newest sample the evicting worker held per VM; a VM whose
+        stored score is newer is kept (another worker owns it now). Redis errors propagate.
+        """
+        if not vms:
+            return 0
+        ts = _strings(np.asarray(last_ts, dtype=np.float64))
+        forgotten = 0
+        for lo in range(0, len(vms), self.chunk_vms):
+            flat: list[str] = [""] * (2 * len(vms[lo : lo + self.chunk_vms]))
+            flat[0::2], flat[1::2] = vms[lo : lo + self.chunk_vms], ts[lo : lo + self.chunk_vms]
+            forgotten += int(await self._forget(keys=[], args=[self.prefix, _ENCODE(flat)]))
+        return forgotten
+
+    async def prune(self, count: int = 1000) -> int:
+        """One sweep over the ranks and host sets: members whose hash expired are removed; returns how many.
+
+        Incremental (ZSCAN/SSCAN/SCAN with ``count``), so a million VMs cost Redis many small
+        steps rather than one long one.
+        """
+        removed = 0
+        for rank in ("rank:now", "rank:window"):
+            key = self.prefix + rank
+            async for chunk in _chunks(self.client.zscan_iter(key, count=count), count):
+                removed += int(await self._prune(keys=[key], args=[self.prefix, "z", *(m for m, _ in chunk)]))
+        async for host_key in self.client.scan_iter(match=_glob_escape(self.prefix) + "host:*", count=count):
+            async for chunk in _chunks(self.client.sscan_iter(host_key, count=count), count):
+                removed += int(await self._prune(keys=[host_key], args=[self.prefix, "s", *chunk]))
+        return removed
+
+
+async def _chunks(items: Any, size: int) -> Any:
+    """Group an async iterator into lists of ``size``."""
+    chunk: list[Any] = []
+    async for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _decode_hash(vm: str, raw: dict[Any, Any]) -> dict[str, Any]:

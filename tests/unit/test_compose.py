@@ -86,7 +86,7 @@ def test_prometheus_scrapes_the_worker_metrics_port():
     targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     port = Settings().metrics_port
     assert f"worker:{port}" in targets
-    assert f"{port}:{port}" in SERVICES["worker"]["ports"]
+    assert f"127.0.0.1:{port}:{port}" in SERVICES["worker"]["ports"]
 
 
 def test_grafana_provisions_the_datasource_and_dashboard_folder():
@@ -111,3 +111,42 @@ def test_dockerfile_copies_every_package_pip_installs():
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = {p.rstrip("*") for p in include}
     assert packages <= copied, f"pip install . in the image would miss {sorted(packages - copied)}"
+
+
+# --------------------------------------------------------------------------- exposure and secrets
+
+
+def required_variable(value: str, name: str) -> bool:
+    """``value`` is ``${NAME:?...}``: compose refuses to start while NAME is unset or empty."""
+    return re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", value) is not None
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_every_published_port_binds_loopback_only(service):
+    for port in SERVICES[service].get("ports", []):
+        assert str(port).startswith("127.0.0.1:"), f"{service} publishes {port} on every interface"
+
+
+def test_redis_requires_a_password_from_the_environment_kept_off_its_command_line():
+    redis = SERVICES["redis"]
+    assert required_variable(redis["environment"]["REDIS_PASSWORD"], "ZHUGE_REDIS_PASSWORD")
+    script = " ".join(redis["command"])
+    assert "requirepass" in script and "$$REDIS_PASSWORD" in script
+    assert "--requirepass" not in script  # arguments show up in `ps` on the Docker host
+    assert "REDISCLI_AUTH=" in redis["healthcheck"]["test"][-1]
+    assert redis.get("user") == "redis"
+
+
+def test_zhuge_services_authenticate_to_redis_with_the_same_variable():
+    for name in ("worker", "retrainer", "simulator"):
+        env = SERVICES[name]["environment"]
+        assert required_variable(env["ZHUGE_REDIS_PASSWORD"], "ZHUGE_REDIS_PASSWORD"), name
+        assert "@" not in env["ZHUGE_REDIS_URL"]  # one source of the password: ZHUGE_REDIS_PASSWORD
+
+
+def test_grafana_has_an_admin_password_and_no_anonymous_editor_or_admin():
+    env = SERVICES["grafana"]["environment"]
+    assert required_variable(env["GF_SECURITY_ADMIN_PASSWORD"], "GRAFANA_ADMIN_PASSWORD")
+    if str(env.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "true":
+        assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert str(env.get("GF_USERS_ALLOW_SIGN_UP", "false")).lower() == "false"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from app.settings import Settings
 from streams.sinks.history import HistorySink
 
 METRICS = ("cpu_pct", "mem_used_mb", "dirty_mbps")
@@ -122,3 +125,119 @@ def test_real_decoded_batch_is_archived_with_every_metric_column(tmp_path: Path)
     assert table["hour"] == [0, 0, 1]
     assert table["cpu_pct"][:2] == [12.5, 99.0] and table["mem_used_mb"][2] == 1024.0
     assert set(schema.METRICS) <= set(table)
+
+
+# --- failures: bounded buffer, partial flushes, settings ---------------------------------------
+
+
+def archived_vms(root: Path) -> list[str]:
+    files = sorted(str(p) for p in root.rglob("*.parquet"))
+    return ds.dataset(files, format="parquet").to_table().column("vm").to_pylist() if files else []
+
+
+def test_buffer_stays_bounded_while_the_archive_is_unwritable(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A file where the archive's directory should be: every flush fails, memory stays bounded."""
+    root = tmp_path / "archive"
+    root.write_text("not a directory")
+    sink = HistorySink(str(root), metrics=METRICS, max_rows=10, max_buffer_rows=25)
+    with caplog.at_level("WARNING", logger="streams.sinks.history"):
+        for k in range(4):  # 40 rows offered, each write followed by a failed flush (what the pipeline does)
+            assert sink.write(batch(T0 + np.arange(10.0), start=10 * k)) is True
+            with pytest.raises(OSError):
+                sink.flush()
+            assert sink.buffered_rows <= 25
+    assert sink.buffered_rows == 25 and sink.dropped_rows == 15
+    assert len([r for r in caplog.records if "unwritable" in r.getMessage()]) == 1  # one per outage, not per write
+    root.unlink()  # the archive is writable again: the newest 25 rows land, the oldest 15 are gone
+    sink.flush()
+    assert sorted(archived_vms(root)) == sorted(f"vm-{i}" for i in range(15, 40))
+    assert sink.buffered_rows == 0 and sink.dropped_rows == 15
+
+
+def test_a_new_outage_warns_again(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    sink = HistorySink(str(tmp_path), metrics=METRICS, max_rows=5, max_buffer_rows=5)
+    real = sink._write_one
+
+    def disk_full(*_: object) -> str:
+        raise OSError("No space left on device")
+
+    with caplog.at_level("WARNING", logger="streams.sinks.history"):
+        for _ in range(2):  # outage, recovery, outage
+            monkeypatch.setattr(sink, "_write_one", disk_full)
+            for _ in range(3):
+                sink.write(batch(T0 + np.arange(5.0)))
+                with pytest.raises(OSError, match="No space"):
+                    sink.flush()
+            monkeypatch.setattr(sink, "_write_one", real)
+            sink.flush()
+    assert sink.dropped_rows == 20
+    assert len([r for r in caplog.records if "unwritable" in r.getMessage()]) == 2
+
+
+def test_one_write_larger_than_the_bound_keeps_its_newest_rows(tmp_path: Path):
+    sink = HistorySink(str(tmp_path), metrics=METRICS, max_rows=3, max_buffer_rows=4)
+    sink.write(batch(T0 + np.arange(10.0)))
+    assert sink.buffered_rows == 4 and sink.dropped_rows == 6
+    sink.flush()
+    assert sorted(archived_vms(tmp_path)) == [f"vm-{i}" for i in range(6, 10)]
+
+
+def test_a_partial_flush_retries_only_the_hours_not_written(tmp_path: Path):
+    """Hour 3 of 5 cannot be written: hours 1-2 are written once, 3-5 stay buffered, nothing is duplicated."""
+    blocker = tmp_path / "date=2026-01-01" / "hour=02"
+    blocker.parent.mkdir()
+    blocker.write_text("in the way")
+    sink = HistorySink(str(tmp_path), metrics=METRICS)
+    sink.write(batch(T0 + np.repeat(np.arange(5) * HOUR, 7)))  # 7 rows in each of 5 hours
+    with pytest.raises(OSError):
+        sink.flush()
+    assert sink.buffered_rows == 3 * 7
+    assert len(archived_vms(tmp_path)) == 2 * 7
+    blocker.unlink()
+    sink.flush()
+    vms = archived_vms(tmp_path)
+    assert len(vms) == 35 and sorted(vms) == sorted(f"vm-{i}" for i in range(35))
+    hours = ds.dataset(str(tmp_path), format="parquet", partitioning="hive").to_table().column("hour").to_pylist()
+    assert sorted(hours) == sorted(np.repeat(np.arange(5), 7).tolist())
+
+
+def test_a_failed_local_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    sink = HistorySink(str(tmp_path), metrics=METRICS)
+    sink.write(batch(T0 + np.arange(3.0)))
+
+    def broken_rename(*_: object, **__: object) -> None:
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(sink._fs, "mv", broken_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        sink.flush()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()] and sink.buffered_rows == 3
+
+
+def test_object_store_path_writes_whole_files():
+    """Non-local filesystems get each file in one PUT (fsspec's memory filesystem stands in for s3)."""
+    root = f"/hist-{uuid.uuid4().hex}"
+    sink = HistorySink(f"memory://{root}", metrics=METRICS)
+    sink.write(batch(T0 + np.arange(0.0, 2 * HOUR, 600.0)))
+    paths = sink.flush()
+    fs = fsspec.filesystem("memory")
+    try:
+        assert len(paths) == 2
+        table = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table()
+        assert table.num_rows == 12
+    finally:
+        fs.rm(root, recursive=True)
+
+
+def test_from_settings_uses_the_history_settings(tmp_path: Path):
+    settings = Settings.from_env(
+        {}, history_url=str(tmp_path), history_flush_rows=123, history_flush_s=7.5, history_buffer_rows=4567
+    )
+    sink = HistorySink.from_settings(settings)
+    assert (sink.url, sink.max_rows, sink.max_age_s, sink.max_buffer_rows) == (str(tmp_path), 123, 7.5, 4567)
+    assert sink.dropped_rows == 0
+
+
+def test_buffer_bound_below_the_flush_threshold_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="max_buffer_rows"):
+        HistorySink(str(tmp_path), max_rows=10, max_buffer_rows=9)

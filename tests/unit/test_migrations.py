@@ -9,7 +9,7 @@ import pytest
 
 from gpu_kernels.downtime import PrecopyParams
 from streams.migrations import DowntimeCorrection, decode_migrations
-from streams.schema import Rejected
+from streams.schema import Limits, Rejected
 from streams.scorer import Scorer, score_windows
 from streams.window_store import WindowStore
 from tests.unit.test_scorer import T0, ValleyModel, fill, settings
@@ -55,14 +55,34 @@ def test_optional_fields_may_be_missing_or_null():
         (msg(vm=""), "vm: length must be >= 1"),
         (msg(link_mbps=0), "link_mbps: must be > 0"),
         ([1, 2], "[0]: expected object, got int"),
+        (msg(end=NOW + 601), "end: 1700000701 is more than 600 s in the future"),
+        (msg(vm="vm-1\u0000"), "vm: must not contain control characters"),
+        (msg(host_from="h1\n"), "host_from: must not contain control characters"),
+        (msg(host_to="\u007fh2"), "host_to: must not contain control characters"),
+        (msg(downtime_ms=86_400_001), "downtime_ms: must be <= 86400000"),
+        (msg(bytes=2.0**61), "bytes: must be <= 1152921504606846976"),
+        (msg(link_mbps=1e300), "link_mbps: must be <= 1000000"),
+        (msg(rounds=1_000_001), "rounds: must be <= 1000000"),
+        (msg(rounds=10**400), "rounds: must be <= 9007199254740992"),
+        (msg(downtime_ms=1e38), "downtime_ms: must be <= 86400000"),
     ],
 )
 def test_invalid_messages_are_rejected_with_a_reason(obj, reason):
     raw = enc(obj)
     b = decode_migrations([raw], [b"k"], now=NOW)
     assert len(b) == 0
-    assert b.rejected == [Rejected(raw=raw, key=b"k", reason=b.rejected[0].reason)]
+    assert b.rejected == [Rejected(raw=raw, key=b"k", reason=b.rejected[0].reason, index=0)]
     assert reason in b.rejected[0].reason
+
+
+def test_limits_bound_migrations_inclusively_and_are_parameters():
+    at_bounds = msg(end=NOW + 600, downtime_ms=86_400_000, bytes=2.0**60, link_mbps=1e6, rounds=1_000_000)
+    assert len(decode_migrations([enc(at_bounds)], now=NOW)) == 1
+    later = enc(msg(end=NOW + 3600))
+    assert len(decode_migrations([later], now=NOW)) == 0
+    assert len(decode_migrations([later], now=NOW, limits=Limits(max_future_s=86400))) == 1
+    long = enc(msg(downtime_ms=2 * 86_400_000, rounds=5_000_000))
+    assert len(decode_migrations([long], now=NOW, limits=Limits(max_downtime_ms=1e9, max_rounds=10**7))) == 1
 
 
 def test_undecodable_bytes_and_missing_values_never_raise():

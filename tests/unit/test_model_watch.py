@@ -78,3 +78,59 @@ async def test_tampered_model_is_refused_once_and_current_keeps_serving(
     assert watcher.maybe_reload() is None and watcher.current() is first
     assert metrics.model_rejected.value == 1 and seen == [bad]
     assert "checksum" in watcher.rejected[bad]
+
+
+class CountingStore(ModelStore):
+    """The real store, counting loads."""
+
+    loads = 0
+
+    def load(self, *args: object, **kwargs: object) -> ForecastModel:  # type: ignore[override]
+        self.loads += 1
+        return super().load(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_refused_version_is_retried_once_its_files_change(
+    setup: tuple[Settings, ModelStore, ForecastModel], tmp_path: Path
+) -> None:
+    """Seen while still being copied: refused and counted once, picked up when the copy completes."""
+    settings, _, first = setup
+    store = CountingStore(str(tmp_path))
+    metrics, seen = Metrics(), []
+    watcher = ModelWatcher(settings, store, first, metrics=metrics, on_rejected=lambda v, r: seen.append(v))
+    late = store.publish(tiny_model(3), now=1_790_000_180.0)
+    f = tmp_path / late / "net_mbps.band0.ubj"
+    good = f.read_bytes()
+    f.write_bytes(good[: len(good) // 2])  # half copied
+    await watcher.check()
+    assert "checksum" in watcher.rejected[late] and store.loads == 1
+
+    await watcher.check()  # same files: neither loaded again nor counted again
+    assert store.loads == 1 and metrics.model_rejected.value == 1 and seen == [late]
+
+    f.write_bytes(good + b"X")  # changed but still wrong: looked at again, still refused, not re-counted
+    await watcher.check()
+    assert store.loads == 2 and metrics.model_rejected.value == 1 and late in watcher.rejected
+
+    f.write_bytes(good)  # the copy completed
+    await watcher.check()
+    new = watcher.maybe_reload()
+    assert new is not None and new.version == late and watcher.current() is new
+    assert late not in watcher.rejected and metrics.model_rejected.value == 1 and seen == [late]
+
+
+async def test_a_store_that_cannot_list_still_serves_new_versions(
+    setup: tuple[Settings, ModelStore, ForecastModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading needs reads only: a listing error must not stop a good version (read-only object-store roles)."""
+    settings, store, first = setup
+
+    def denied(_: str) -> str:
+        raise PermissionError("s3:ListBucket denied")
+
+    monkeypatch.setattr(store, "fingerprint", denied)
+    watcher = ModelWatcher(settings, store, first)
+    second = store.publish(tiny_model(1), now=1_790_000_060.0)
+    await watcher.check()
+    new = watcher.maybe_reload()
+    assert new is not None and new.version == second

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from streams.schema import METRICS, Limits, decode_messages
+from app.settings import Settings
+from streams.schema import METRICS, Limits, decode_messages, has_control, limits_from_settings
 
 NOW = 1_700_000_000.0
 
@@ -63,9 +64,22 @@ def test_missing_and_null_fields_are_nan_and_unknown_fields_ignored():
         (b'{"vm": "a", "ts": 1700000000, "cpu_pct": NaN}', "not JSON"),
         (b'{"vm": "a", "ts": 1700000000, "cpu_pct": Infinity}', "not JSON"),
         (b'{"vm": "a", "ts": 1700000000, "net_rx_kbps": 1e999}', "net_rx_kbps: must be a finite number"),
-        (msg(net_tx_kbps=1e39), "net_tx_kbps: too large for float32"),
+        (msg(net_tx_kbps=1e39), "net_tx_kbps: must be <= 1000000000"),
+        (msg(mem_used_mb=3e38), "mem_used_mb: must be <= 16777216"),
+        (msg(mem_total_mb=2.0**24 + 1), "mem_total_mb: must be <= 16777216"),
+        (msg(dirty_mbps=1e6 + 1), "dirty_mbps: must be <= 1000000"),
+        (msg(net_rx_kbps=1e300), "net_rx_kbps: must be <= 1000000000"),
+        (msg(disk_read_kbps=2e9), "disk_read_kbps: must be <= 1000000000"),
+        (msg(disk_write_kbps=1e38), "disk_write_kbps: must be <= 1000000000"),
+        (msg(vcpus=4097), "vcpus: must be <= 4096"),
+        (msg(vm="vm-1\u0000"), "vm: must not contain control characters"),
+        (msg(vm="vm\u0001-1"), "vm: must not contain control characters"),
+        (msg(vm="vm-1\n"), "vm: must not contain control characters"),
+        (msg(vm="vm-1\u007f"), "vm: must not contain control characters"),
+        (msg(host="h1\u001f"), "host: must not contain control characters"),
         (json.dumps({"vm": "a", "ts": 900_000_000}).encode(), "ts: 900000000 is before"),
         (json.dumps({"vm": "a", "ts": NOW + 2 * 86400}).encode(), "in the future"),
+        (json.dumps({"vm": "a", "ts": NOW + 601}).encode(), "ts: 1700000601 is more than 600 s in the future"),
         (msg(mem_total_mb=1000, mem_used_mb=1100), "mem_used_mb: 1100 > mem_total_mb 1000"),
     ],
 )
@@ -79,11 +93,77 @@ def test_oversized_message_rejected_before_parsing():
     assert len(decode_messages([raw], now=NOW, limits=Limits(max_bytes=4000))) == 1
 
 
+def test_future_limit_defaults_to_ten_minutes():
+    assert Limits().max_future_s == 600.0
+    assert len(decode_messages([json.dumps({"vm": "a", "ts": NOW + 600}).encode()], now=NOW)) == 1
+    assert len(decode_messages([json.dumps({"vm": "a", "ts": NOW + 3600}).encode()], now=NOW)) == 0
+
+
+def test_limits_from_settings_takes_the_workers_future_limit():
+    assert limits_from_settings(Settings()) == Limits(max_future_s=Settings().max_future_s)
+    limits = limits_from_settings(Settings(max_future_s=86400.0))
+    assert limits.max_future_s == 86400.0 and limits.max_bytes == Limits().max_bytes
+    raw = json.dumps({"vm": "a", "ts": NOW + 3600}).encode()
+    assert len(decode_messages([raw], now=NOW, limits=limits)) == 1
+
+
 def test_time_limits_are_parameters():
     raw = json.dumps({"vm": "a", "ts": NOW + 3 * 86400}).encode()
     assert len(decode_messages([raw], now=NOW, limits=Limits(max_future_s=4 * 86400))) == 1
     old = json.dumps({"vm": "a", "ts": 100.0}).encode()
     assert len(decode_messages([old], now=NOW, limits=Limits(min_ts=0))) == 1
+
+
+def test_upper_bounds_are_inclusive_and_parameters():
+    at_bounds = msg(mem_total_mb=2.0**24, mem_used_mb=2.0**24, dirty_mbps=1e6, net_rx_kbps=1e9, net_tx_kbps=1e9,
+                    disk_read_kbps=1e9, disk_write_kbps=1e9, vcpus=4096)
+    assert len(decode_messages([at_bounds], now=NOW)) == 1
+    big = msg(dirty_mbps=5e6)
+    assert len(decode_messages([big], now=NOW, limits=Limits(max_dirty_mbps=1e7))) == 1
+    assert "net_rx_kbps: must be <= 10" in reason_of(msg(net_rx_kbps=11), limits=Limits(max_net_kbps=10))
+    assert "disk_write_kbps: must be <= 10" in reason_of(msg(disk_write_kbps=11), limits=Limits(max_disk_kbps=10))
+    assert "mem_total_mb: must be <= 10" in reason_of(msg(mem_total_mb=11), limits=Limits(max_mem_mb=10))
+    assert "vcpus: must be <= 8" in reason_of(msg(vcpus=9), limits=Limits(max_vcpus=8))
+
+
+def test_without_an_upper_bound_float32_still_caps_values():
+    limits = Limits(max_net_kbps=float("inf"))
+    assert "net_tx_kbps: too large for float32" in reason_of(msg(net_tx_kbps=1e39), limits=limits)
+    b = decode_messages([msg(net_tx_kbps=1e38)], now=NOW, limits=limits)
+    assert len(b) == 1 and np.isfinite(b.values[0, METRICS.index("net_tx_kbps")])
+
+
+def test_values_that_would_overflow_float32_arithmetic_are_rejected():
+    b = decode_messages([msg(**{m: 1e300 for m in METRICS if m != "cpu_pct"}), msg(mem_used_mb=3e38)], now=NOW)
+    assert len(b) == 0 and len(b.rejected) == 2
+
+
+def test_control_characters_in_an_array_name_the_index_and_keep_the_rest():
+    objs = [{"vm": "vm-1", "ts": NOW}, {"vm": "vm-1\u0000", "ts": NOW}, {"vm": "vm-2", "host": "h\u007f", "ts": NOW}]
+    raw = json.dumps(objs).encode()
+    b = decode_messages([raw], now=NOW)
+    assert b.vm == ["vm-1"]
+    [rej] = b.rejected
+    assert rej.reason == "[1].vm: must not contain control characters; [2].host: must not contain control characters"
+
+
+def test_nul_terminated_id_never_merges_into_the_plain_one():
+    b = decode_messages([msg(vm="vm-1"), msg(vm="vm-1\u0000")], now=NOW)
+    assert b.vm == ["vm-1"] and b.source.tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    ("strings", "expected"),
+    [
+        ([], []),
+        (["a", "", "b"], [False, False, False]),
+        (["ok", "x\x00", "\x1f", "fine", "\x7f", "é\x01", "\u2028", " \t"],
+         [False, True, True, False, True, True, False, True]),
+        (["é" * 300, "a\x00"], [False, True]),
+    ],
+)
+def test_has_control_flags_exactly_the_strings_holding_one(strings, expected):
+    assert has_control(strings).tolist() == expected
 
 
 def test_memory_tolerance_lets_small_overshoot_through():
@@ -101,7 +181,7 @@ def test_batch_with_one_bad_object_keeps_the_good_ones():
     assert b.source.tolist() == [0, 1, 1, 1, 1]
     assert b.values[:, 0].tolist()[1:] == [10, 11, 12, 14]
     [rej] = b.rejected
-    assert rej.raw == raw and rej.key == b"k1" and rej.reason == "[3].cpu_pct: must be <= 100"
+    assert rej.raw == raw and rej.key == b"k1" and rej.reason == "[3].cpu_pct: must be <= 100" and rej.index == 1
 
 
 def test_range_failure_inside_an_array_names_its_index():

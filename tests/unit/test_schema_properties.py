@@ -8,9 +8,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.schema import METRICS, decode_messages
+from streams.schema import METRICS, Limits, decode_messages, upper_bounds
 
 NOW = 1_700_000_000.0
+CONTROLS = "".join(map(chr, range(0x20))) + "\x7f"
+id_text = st.text(st.characters(codec="utf-8", exclude_characters=CONTROLS), min_size=1, max_size=10)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
@@ -37,7 +39,10 @@ def check_batch(raws, batch):
     assert len(batch.host) == n and batch.values.dtype == np.float32
     assert np.isfinite(batch.ts).all()
     assert (np.isnan(batch.values) | (batch.values >= 0)).all()
+    assert (np.isnan(batch.values) | (batch.values <= upper_bounds(Limits()))).all()
+    assert np.isfinite(np.nansum(batch.values, axis=1, dtype=np.float32)).all()  # no overflow downstream
     assert all(isinstance(v, str) and 1 <= len(v) <= 256 for v in batch.vm)
+    assert not any(c in CONTROLS for s in batch.vm + batch.host for c in s)
     for r in batch.rejected:
         assert r.raw in raws and r.reason
 
@@ -63,8 +68,8 @@ def test_never_raises_on_json_structures_and_accounts_for_every_message(docs):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.fixed_dictionaries({
-    "vm": st.text(min_size=1, max_size=10),
-    "ts": st.floats(NOW - 1e8, NOW, allow_nan=False),
+    "vm": id_text,
+    "ts": st.floats(NOW - 1e8, NOW + 600, allow_nan=False),
     "cpu_pct": st.floats(0, 100, allow_nan=False),
     "dirty_mbps": st.floats(0, 1e6, allow_nan=False),
 }), min_size=1, max_size=6))
@@ -74,3 +79,13 @@ def test_valid_samples_round_trip(objs):
     assert not b.rejected and b.vm == [o["vm"] for o in objs]
     assert np.array_equal(b.ts, [o["ts"] for o in objs])
     assert np.allclose(b.values[:, 0], [o["cpu_pct"] for o in objs], rtol=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(id_text, st.integers(0, 10), st.sampled_from(CONTROLS), st.sampled_from(["vm", "host"]))
+def test_a_control_character_anywhere_in_an_id_rejects_the_sample(text, at, control, name):
+    bad = text[:at] + control + text[at:]
+    objs = [{"vm": text, "ts": NOW}, {"vm": text, "ts": NOW, name: bad}]
+    b = decode_messages([json.dumps(objs).encode()], now=NOW)
+    assert b.vm == [text]
+    assert b.rejected[0].reason == f"[1].{name}: must not contain control characters"

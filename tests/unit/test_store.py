@@ -11,7 +11,7 @@ import pytest
 from gpu_kernels.features import FEATURE_NAMES
 from tests.model_support import tiny_model
 from training.model import ForecastModel, ModelRejected
-from training.store import LATEST, VERSION_RE, ModelStore
+from training.store import LATEST, VERSION_RE, ModelStore, NoLoadableModel
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,81 @@ def test_fsspec_url_form(tmp_path: Path, models: list[ForecastModel]) -> None:
     v = store.publish(models[0], now=1_790_000_000.0)
     assert ModelStore(str(tmp_path)).latest_version() == v
     assert store.load().version == v
+
+
+# --- start-up fallback and fingerprints ------------------------------------------------------
+
+
+def _publish_all(store: ModelStore, models: list[ForecastModel]) -> list[str]:
+    return [store.publish(m, now=1_790_000_000.0 + 3600 * i) for i, m in enumerate(models)]
+
+
+def _corrupt(store_dir: Path, version: str, name: str = "cpu_pct.band1.ubj") -> None:
+    f = store_dir / version / name
+    f.write_bytes(f.read_bytes()[:-1] + b"X")
+
+
+def test_a_corrupt_latest_falls_back_to_the_newest_loadable(tmp_path: Path, models: list[ForecastModel]) -> None:
+    store = ModelStore(str(tmp_path))
+    v0, v1, v2 = _publish_all(store, models)
+    _corrupt(tmp_path, v2)
+    with pytest.raises(ModelRejected):
+        store.load()  # what crash-looped the workers
+    model, skipped = store.load_newest_loadable(slot_s=300)
+    assert model.version == v1
+    assert [v for v, _ in skipped] == [v2] and "checksum" in skipped[0][1]
+    assert store.latest_version() == v2  # the store is only read, never repointed
+
+
+def test_fallback_respects_a_rollback_before_newer_versions(tmp_path: Path, models: list[ForecastModel]) -> None:
+    """LATEST moved back to v1: older versions are tried before the newer one it was rolled back from."""
+    store = ModelStore(str(tmp_path))
+    v0, v1, v2 = _publish_all(store, models)
+    store._set_latest(v1)
+    (tmp_path / v1 / "manifest.json").unlink()  # half-uploaded
+    model, skipped = store.load_newest_loadable()
+    assert model.version == v0 and [v for v, _ in skipped] == [v1]
+    manifest = tmp_path / v0 / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"feature_hash": "', '"feature_hash": "0ld'))  # another build's
+    model, skipped = store.load_newest_loadable()
+    assert model.version == v2 and [v for v, _ in skipped] == [v1, v0] and "feature spec" in skipped[1][1]
+
+
+def test_latest_naming_nothing_usable_falls_back_to_the_newest(tmp_path: Path, models: list[ForecastModel]) -> None:
+    store = ModelStore(str(tmp_path))
+    v0, v1 = _publish_all(store, models[:2])
+    (tmp_path / LATEST).write_text("../etc\n")
+    model, skipped = store.load_newest_loadable()
+    assert model.version == v1 and [v for v, _ in skipped] == ["../etc"] and "not a model version" in skipped[0][1]
+    (tmp_path / LATEST).unlink()
+    assert store.load_newest_loadable()[0].version == v1
+
+
+def test_no_loadable_version_is_distinct_from_an_empty_store(tmp_path: Path, models: list[ForecastModel]) -> None:
+    with pytest.raises(FileNotFoundError, match="empty"):
+        ModelStore(str(tmp_path / "none")).load_newest_loadable()
+    store = ModelStore(str(tmp_path))
+    versions = _publish_all(store, models[:2])
+    for v in versions:
+        _corrupt(tmp_path, v)
+    with pytest.raises(NoLoadableModel, match="none of the 2 versions") as info:
+        store.load_newest_loadable()
+    assert isinstance(info.value, ModelRejected)
+    assert [v for v, _ in info.value.skipped] == versions[::-1]
+
+
+def test_fingerprint_follows_the_files_of_a_version(tmp_path: Path, models: list[ForecastModel]) -> None:
+    store = ModelStore(str(tmp_path))
+    v = store.publish(models[0], now=1_790_000_000.0)
+    first = store.fingerprint(v)
+    assert first and store.fingerprint(v) == first
+    f = tmp_path / v / "cpu_pct.band1.ubj"
+    st = f.stat()
+    f.write_bytes(f.read_bytes())  # same name and size: only the file times tell
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    rewritten = store.fingerprint(v)
+    assert rewritten != first
+    (tmp_path / v / "extra").write_bytes(b"")
+    assert store.fingerprint(v) not in (first, rewritten)
+    assert store.fingerprint("20300101T000000Z-00000000") == ""  # not there (yet)
+    assert store.fingerprint("../etc") == ""  # never lists outside the store

@@ -94,15 +94,36 @@ def test_grows_by_doubling_and_evicts_idle_rows_cleanly():
     rng = np.random.default_rng(4)
     store = WindowStore(4, SLOT, ttl_s=600, capacity=2)
     t0 = 1000 * SLOT
-    store.update([f"v{i}" for i in range(5)], ["h"] * 5, np.full(5, t0), samples(5, rng))
+    store.update([f"v{i}" for i in range(5)], ["h"] * 5, np.full(5, t0), samples(5, rng), seen=t0)
     assert store.capacity == 8 and len(store) == 5
-    store.update(["v0"], ["h"], np.array([t0 + 1200.0]), samples(1, rng))
+    store.update(["v0"], ["h"], np.array([t0 + 1200.0]), samples(1, rng), seen=t0 + 1200.0)
     gone = store.evict_idle(now=t0 + 1200.0)
     assert sorted(gone) == ["v1", "v2", "v3", "v4"] and len(store) == 1
     # a reused row starts empty
     store.update(["new"], ["h"], np.array([t0 + 1200.0]), samples(1, rng))
     win, _ = store.windows(store.rows_of(["new"]))
     assert (~np.isnan(win[0, :, CPU])).sum() == 1
+
+
+def test_eviction_follows_arrival_time_not_sample_time():
+    """A sample stamped a day ahead makes no other VM look idle; an old trace replayed now stays alive."""
+    rng = np.random.default_rng(5)
+    store = WindowStore(288, SLOT, ttl_s=600)
+    now = 1_700_000_000.0
+    store.update(["old-trace"], ["h"], np.array([now - 365 * 86400.0]), samples(1, rng), seen=now)
+    store.update(["a", "b"], ["h", "h"], np.array([now, now]), samples(2, rng), seen=now)
+    store.update(["future"], ["h"], np.array([now + 86000.0]), samples(1, rng), seen=now + 60)
+    assert store.evict_idle(now=now + 120) == []
+    assert sorted(store.evict_idle(now=now + 650)) == ["a", "b", "old-trace"]
+    assert store.evict_idle(now=now + 700) == ["future"]
+
+
+def test_long_and_similar_ids_stay_distinct_vms():
+    rng = np.random.default_rng(6)
+    store = WindowStore(8, SLOT, ttl_s=1e9)
+    ids = ["x" * 256, "x" * 255, "vm-1", "vm-1 ", "VM-1"]
+    store.update(ids, ["h"] * 5, np.full(5, 1000.0 * SLOT), samples(5, rng))
+    assert sorted(store.row_of) == sorted(ids)
 
 
 def test_host_traffic_sums_latest_net_of_the_host():
