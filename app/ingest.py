@@ -223,6 +223,7 @@ class MetricsIngest:
     def assigned(self, partitions: list[int]) -> None:
         mine = sorted(self._assigned())
         self.metrics.partitions_assigned.set(len(mine))
+        self.metrics.ready.set(1)  # in the group, even with no partition to own
         log.info("assigned partitions %s of %s", mine, self.settings.topic_metrics)
 
     async def revoke(self, partitions: list[int]) -> None:

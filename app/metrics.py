@@ -63,6 +63,7 @@ class WorkerMetrics:
         self.window_store_bytes = Gauge("zhuge_window_store_bytes", "Bytes of the window stores' arrays", registry=r)
         self.device = Gauge("zhuge_device_info", "Compute device and engine in use (value 1)", ["device", "engine"], registry=r)
         self.sink_up = Gauge("zhuge_sink_up", "1 while the sink's last write succeeded, 0 while it is failing", ["sink"], registry=r)
+        self.ready = Gauge("zhuge_ready", "1 once the worker has a model and has joined its consumer group (readiness)", registry=r)
         self.partitions_assigned = Gauge("zhuge_partitions_assigned", "vm.metrics partitions this worker owns", registry=r)
         self.history_buffered = Gauge("zhuge_history_buffered_rows", "History rows waiting for the next Parquet flush", registry=r)
         self.batch_stalled = Gauge("zhuge_batch_stalled_seconds", "Age of the micro-batch in flight (0 when idle): grows while a sink is down", registry=r)

@@ -50,7 +50,10 @@ class Settings:
         default="",
     )
     kafka_session_timeout_s: float = _doc("a worker not heard from this long loses its partitions to the others", default=10.0)
-    kafka_heartbeat_s: float = _doc("seconds between group heartbeats (well below the session timeout)", default=3.0)
+    kafka_heartbeat_s: float = _doc(
+        "seconds between group heartbeats (at most half the session timeout; also how soon a rebalance is noticed)",
+        default=1.0,
+    )
     kafka_request_timeout_s: float = _doc(
         "a produce or commit not acknowledged within this is failed and sent again (back-pressure, never dropped)", default=30.0
     )

@@ -53,18 +53,18 @@ class WorkerProcess:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read().decode()
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait until /metrics answers with a model in service (bootstrap training included)."""
+        """Wait until /metrics says ready: a model in service (bootstrap training included) and the group joined."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}; log:\n{self.tail()}")
             try:
-                if self.model_version() not in ("", "none"):
-                    return  # serving metrics and a model: ready to score
+                if self.metric_sums().get("zhuge_ready") == 1 and self.model_version() not in ("", "none"):
+                    return
             except OSError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError(f"worker not serving a model on /metrics after {timeout}s; log:\n{self.tail()}")
+        raise TimeoutError(f"worker not ready on /metrics after {timeout}s; log:\n{self.tail()}")
 
     def _samples(self) -> list:  # type: ignore[type-arg]
         from prometheus_client.parser import text_string_to_metric_families
