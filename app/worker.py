@@ -269,6 +269,7 @@ async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
         history=history,
         metrics=metrics,
         xp=xp,
+        worker_name=worker_id,
     )
     ingest = MetricsIngest(settings, pipeline, metrics, worker_id)
     await ingest.start()

@@ -78,6 +78,13 @@ class WorkerProcess:
             sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
         return sums
 
+    def sample(self, name: str, **labels: str) -> float | None:
+        """The value of one labelled sample from /metrics (None when absent)."""
+        return next(
+            (float(s.value) for s in self._samples() if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())),
+            None,
+        )
+
     def counter(self, name: str) -> float:
         """Sum of a metric's samples (all labels) from /metrics."""
         return self.metric_sums().get(name, 0.0)

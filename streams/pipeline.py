@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 EVICT_EVERY_S = 60.0
 MAX_ATTEMPTS = 3  # a batch that raises this often is dead-lettered
 MAX_BACKOFF_S = 5.0
+RESYNC_CHECK_S = 10.0  # how often a worker asks whether Redis still holds its scores
 PENDING_KEY = "pending_vm"  # snapshot array: VMs with samples not yet scored
 
 
@@ -118,6 +119,7 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         partition_log: Callable[[int], Any] | None = None,
         snapshots: SnapshotStore | None = None,
+        worker_name: str | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
@@ -137,6 +139,8 @@ class Pipeline:
         self._history_task: asyncio.Task[None] | None = None
         self._history_dropped_seen = 0
         self._history_retry_at = 0.0  # monotonic time before which a failed archive is not retried
+        self.worker_name = worker_name  # for the Redis marker that tells a Redis restarted empty
+        self._last_resync_check = -RESYNC_CHECK_S
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ partitions
@@ -336,9 +340,31 @@ class Pipeline:
         for state, batch in computed.scores:
             state.pending.difference_update(batch.vm)
 
+    async def _resync_if_redis_was_reset(self) -> None:
+        """Redis came back empty: every VM this worker holds is scored again (not only those with new samples)."""
+        if time.monotonic() - self._last_resync_check < RESYNC_CHECK_S or self.worker_name is None:
+            return
+        self._last_resync_check = time.monotonic()
+        try:
+            held = await self.redis_sink.held_since_last_check(self.worker_name)
+        except Exception as exc:  # Redis away: the sinks report it; check again later
+            log.debug("Redis marker check failed: %s", exc)
+            return
+        if held:
+            return
+        vms = 0
+        for state in self.partitions.values():
+            rows = state.store.active_rows()
+            state.store.scored_slot[rows] = -1  # due whatever rescore_s says
+            state.pending.update(state.store.vm_of_row[r] for r in rows.tolist())
+            vms += rows.size
+        if vms:
+            log.warning("Redis holds none of this worker's scores (restarted empty?): scoring its %d VMs again", vms)
+
     async def flush_due(self) -> int:
         """Score pending VMs that became due with no new traffic, and evict idle ones (called by a timer)."""
         async with self._lock:
+            await self._resync_if_redis_was_reset()
             now = self.clock()
 
             def compute() -> _Computed:

@@ -147,6 +147,10 @@ class _Gen:
             "vcpus": 2 ** (i % 5),
         }
 
+    def _host_key(self, vm: str) -> bytes:
+        """The key of every good message carrying ``vm``: its host (even when the sample omits the field)."""
+        return f"fuzz-host-{self.vms.index(vm) // VMS_PER_HOST}".encode()
+
     def _host_batch(self) -> list[dict[str, Any]]:
         """Samples of some of one host's VMs, as its agent would batch them."""
         first = self.rng.randrange(0, len(self.vms), VMS_PER_HOST)
@@ -154,8 +158,9 @@ class _Gen:
         return [self._good(i) for i in self.rng.sample(on_host, self.rng.randint(1, len(on_host)))]
 
     def _as_good(self, kind: str, objs: list[dict[str, Any]], *, array: bool) -> FuzzMessage:
+        """Keyed by host, like an agent that sends both shapes: a VM always lands on one partition."""
         value = _dumps(objs if array else objs[0])
-        return FuzzMessage(objs[0]["vm"].encode(), value, kind, False, tuple((o["vm"], o["ts"]) for o in objs))
+        return FuzzMessage(self._host_key(objs[0]["vm"]), value, kind, False, tuple((o["vm"], o["ts"]) for o in objs))
 
     def _good_object(self) -> FuzzMessage:
         return self._as_good("good_object", [self._good()], array=False)
@@ -235,14 +240,14 @@ class _Gen:
     def _mixed_array(self) -> FuzzMessage:
         """Good and bad objects (and non-objects) in one array: the good ones are good samples."""
         r = self.rng
-        good = [self._good() for _ in range(r.randint(1, 10))]
+        good = self._host_batch()  # one host's VMs: the array is keyed by that host
         bad: list[Any] = [self._bad_object(r.choice(OBJECT_KINDS)) for _ in range(r.randint(1, 3))]
         if r.random() < 0.3:
             bad.append(r.choice([5, "vm-1", None, True, [], [self._good()]]))
         items = [(True, o) for o in good] + [(False, o) for o in bad]
         r.shuffle(items)
         samples = tuple((o["vm"], o["ts"]) for ok, o in items if ok)
-        return FuzzMessage(samples[0][0].encode(), _dumps([o for _, o in items]), "mixed_array", True, samples)
+        return FuzzMessage(self._host_key(good[0]["vm"]), _dumps([o for _, o in items]), "mixed_array", True, samples)
 
     # ------------------------------------------------------------------ bad messages
     def _bad_key(self) -> bytes | None:

@@ -215,6 +215,19 @@ class RedisSink:
             forgotten += int(await self._forget(keys=[], args=[self.prefix, _ENCODE(flat)]))
         return forgotten
 
+    async def held_since_last_check(self, worker: str) -> bool:
+        """True when Redis still holds what this worker wrote; False right after it came back empty.
+
+        A per-worker marker key with the hash TTL: absent means Redis restarted without
+        persistence, failed over to an empty replica, or was flushed (or this is the
+        worker's first check), and the worker should write its VMs' scores again.
+        """
+        key = f"{self.prefix}worker:{worker}"
+        created = await self.client.set(key, b"1", ex=self.ttl_s, nx=True)
+        if not created:
+            await self.client.expire(key, self.ttl_s)
+        return not created
+
     async def prune(self, count: int = 1000) -> int:
         """One sweep over the ranks and host sets: members whose hash expired are removed; returns how many.
 

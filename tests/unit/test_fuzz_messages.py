@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from streams.schema import Limits, decode_messages
-from tests.fuzz_messages import BAD_KINDS, GOOD_KINDS, OBJECT_KINDS, FuzzMessage, fuzz_messages, newest_per_vm
+from tests.fuzz_messages import (
+    BAD_KINDS, GOOD_KINDS, OBJECT_KINDS, VMS_PER_HOST, FuzzMessage, fuzz_messages, newest_per_vm,
+)
 
 NOW = 1_700_000_000.0
 GOOD_VMS = [f"vm-{i:04d}" for i in range(200)]
@@ -77,7 +79,9 @@ def test_each_kind_occurs_and_about_the_share_asked_is_good(messages):
 def test_good_messages_look_like_an_agents(messages):
     for m in messages:
         if not m.bad:
-            assert m.samples and m.key == m.samples[0][0].encode() and set(m.vms) <= set(GOOD_VMS)
+            host = {f"fuzz-host-{GOOD_VMS.index(vm) // VMS_PER_HOST}".encode() for vm in m.vms}
+            assert m.samples and set(m.vms) <= set(GOOD_VMS)
+            assert host == {m.key}, "a message's VMs share one host and it is the key: one partition per VM"
             assert all(NOW - 3600 <= ts <= NOW + 300 for _, ts in m.samples)
     assert any(b"fuzz-host-" in m.value for m in messages if not m.bad)
 

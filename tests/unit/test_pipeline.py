@@ -72,6 +72,7 @@ class FakeRedisSink:
         self.calls = 0
         self.scores: dict[str, float] = {}
         self.forgotten: list[str] = []
+        self.held = True  # False: the next marker check finds Redis empty
 
     def _maybe_fail(self) -> None:
         self.calls += 1
@@ -84,6 +85,11 @@ class FakeRedisSink:
         for vm, ts in zip(batch.vm, batch.last_ts.tolist()):
             self.scores[vm] = max(ts, self.scores.get(vm, -np.inf))
         return WriteResult(len(batch), 0)
+
+    async def held_since_last_check(self, worker: str) -> bool:
+        self._maybe_fail()
+        held, self.held = self.held, True
+        return held
 
     async def forget(self, vms, last_ts) -> int:  # noqa: ANN001
         self._maybe_fail()
@@ -125,6 +131,7 @@ def make_pipeline(settings: Settings, log: list[LogRecord], *, producer=None, re
                   scorer=None, metrics=None, begin=None) -> Pipeline:  # fmt: skip
     return Pipeline(
         settings,
+        worker_name="w0",
         scorer=scorer or Scorer(settings, FlatModel),
         producer=producer or FakeProducer(),
         redis_sink=redis or FakeRedisSink(),
@@ -252,6 +259,20 @@ async def test_a_sample_from_too_far_ahead_goes_to_the_dlq(tmp_path):
     result = await p.process(as_records(log))
     assert result.rejected == 1
     assert b"in the future" in dict(producer.delivered["m.dlq"][0][2])["reason"]
+
+
+async def test_a_redis_that_came_back_empty_gets_every_held_vm_scored_again(tmp_path):
+    settings = make_settings(tmp_path)
+    log = fleet_log(5, 2)
+    redis = FakeRedisSink()
+    p = make_pipeline(settings, log, redis=redis)
+    await p.process(as_records(log))
+    assert await p.flush_due() == 0  # nothing new, Redis holds everything
+    redis.scores.clear()
+    redis.held = False  # restarted without persistence
+    p._last_resync_check = -1e9
+    assert await p.flush_due() == 5
+    assert set(redis.scores) == {f"vm{i}" for i in range(5)}
 
 
 # ---------------------------------------------------------------------------------------- failures
