@@ -3,10 +3,10 @@ PYTHON ?= .venv/bin/python
 ZHUGE  := $(PYTHON) -m app.cli
 STAMP  := .venv/.zhuge-installed
 
-.PHONY: help install demo test test-unit test-integration services-up services-down services-status readme-settings
+.PHONY: help install demo test test-unit test-integration test-faults services-up services-down services-status readme-settings
 
 help:
-	@echo "make install | demo | test | test-unit | test-integration | services-up | services-down | services-status | readme-settings"
+	@echo "make install | demo | test | test-unit | test-integration | test-faults | services-up | services-down | services-status | readme-settings"
 
 # A fresh machine: system packages (redis-server, Java, Maven, Prometheus), then .venv with the project.
 install: $(STAMP)
@@ -29,6 +29,9 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP)
 	$(PYTHON) -m pytest -q -m "integration and not gpu" tests
+
+test-faults: $(STAMP)
+	$(PYTHON) -m pytest -q -s -m "faults" tests/faults
 
 services-up: $(STAMP)
 	$(ZHUGE) services up

@@ -70,17 +70,18 @@ def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None
     env = settings_env(settings)
     logs = Path(settings.state_dir)
     logs.mkdir(parents=True, exist_ok=True)
-    started_services = False
+    started_services: list[str] = []
     simulator: subprocess.Popen | None = None
     worker: WorkerProcess | None = None
     n_vms = 0
     try:
-        if services.kafka_ready(settings) and services.redis_ready(settings):
+        missing = services.not_answering(settings)
+        if not missing:
             console.print("using the Kafka and Redis already answering at the configured addresses")
         else:
-            console.print("[bold]starting local Kafka (KRaft) and Redis[/bold] ...")
-            services.up(settings, echo=console.print)
-            started_services = True
+            console.print(f"[bold]starting local {' and '.join(missing)}[/bold] ...")
+            services.up(settings, echo=console.print, only=missing)
+            started_services = missing
         console.print(f"backfilling one day of a simulated fleet: {vms} VMs on {hosts} hosts ...")
         common = ["--vms", str(vms), "--hosts", str(hosts), "--seed", "7", "--batched"]
         subprocess.run([*ZHUGE, "simulate", *common, "--fast", "--duration", "1d"], env=env, check=True)
@@ -123,6 +124,6 @@ def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None
                 os.killpg(simulator.pid, signal.SIGKILL)
         if worker is not None:
             worker.stop()
-        if started_services:
-            services.down(settings, echo=console.print)
+        if started_services:  # only what the demo started; a service that was already running stays
+            services.down(settings, echo=console.print, only=started_services)
     return n_vms

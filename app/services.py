@@ -851,6 +851,11 @@ def status(settings: Settings, *, probe: bool = False) -> list[ServiceStatus]:
     return out
 
 
+def not_answering(settings: Settings) -> list[str]:
+    """The services that do not answer at the configured addresses (what a command may start, then stop)."""
+    return [name for name in PATHS if not CHECKS[name](settings)]
+
+
 def check_tools(settings: Settings) -> list[MissingTool]:
     """Programs `up` would need but cannot find (mvn only while the jar cache is empty, openssl only for TLS)."""
     needed = ["java", "redis-server"]

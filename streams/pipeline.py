@@ -45,7 +45,7 @@ import numpy as np
 
 from app.settings import Settings
 from streams.dlq import dlq_records
-from streams.recovery import KafkaPartitionLog, LogRecord, PartitionLog, SnapshotStore, plan_recovery, record_crc
+from streams.recovery import KafkaPartitionLog, LogRecord, SnapshotStore, plan_recovery, record_crc
 from streams.schema import DecodedBatch, Rejected, decode_messages, limits_from_settings
 from streams.scorer import Scorer
 from streams.scores import ScoreBatch

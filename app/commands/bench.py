@@ -51,7 +51,8 @@ def pipeline(
 ) -> None:
     """Worker end to end vs a bare consumer and a minimal decode+HSET pipeline, same topic, same run.
 
-    Starts Kafka and Redis at the configured addresses when they do not answer.
+    Starts Kafka and/or Redis at the configured addresses when they do not answer, and stops
+    exactly those again at the end.
     """
     from app import services
     from bench.pipeline import run_pipeline_bench
@@ -60,9 +61,15 @@ def pipeline(
     bad = [s for s in shape if s not in ("batched", "per-vm")]
     if bad:
         raise typer.BadParameter(f"unknown shape(s) {bad}; use batched and/or per-vm", param_hint="--shape")
-    if not (services.kafka_ready(settings) and services.redis_ready(settings)):
-        services.up(settings, echo=lambda m: typer.echo(m, err=True))
-    result = run_pipeline_bench(settings, samples=samples, vms=vms, hosts=hosts, shapes=shape, latency_s=latency_s, workdir=workdir)
+    started = services.not_answering(settings)
+    if started:
+        services.up(settings, echo=lambda m: typer.echo(m, err=True), only=started)
+    try:
+        result = run_pipeline_bench(settings, samples=samples, vms=vms, hosts=hosts, shapes=shape, latency_s=latency_s,
+                                    workdir=workdir)  # fmt: skip
+    finally:
+        if started:
+            services.down(settings, echo=lambda m: typer.echo(m, err=True), only=started)
     if as_json:
         typer.echo(json.dumps(result))
         return

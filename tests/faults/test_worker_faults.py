@@ -8,7 +8,6 @@ them; the README quotes them).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -108,7 +107,7 @@ def test_the_broker_stopped_60_s_while_the_agent_keeps_sending_then_the_same_wor
         fault_stack.up("kafka")
         back = time.monotonic()
         agent.join(120)
-        took = wait_until(lambda: scored_newest(fault_settings, newest_ts(messages)) == 30,
+        wait_until(lambda: scored_newest(fault_settings, newest_ts(messages)) == 30,
                           "every VM scored at its newest sample", 60, worker)  # fmt: skip
         caught_up = time.monotonic() - back
         report("broker-outage-60s", caught_up_after_return_s=round(caught_up, 2), agent_done_after_return_s=round(agent.finished_at - back, 2),

@@ -171,3 +171,24 @@ def wait_until(predicate, message: str, worker: WorkerProcess, timeout_s: float 
     while not predicate():
         assert time.monotonic() < deadline, f"{message}:\n{worker.tail()}"
         time.sleep(0.3)
+
+
+def test_a_worker_started_on_a_broken_latest_serves_the_newest_version_that_loads(
+    worker_settings: Settings, tmp_path: Path
+) -> None:
+    from tests.model_support import tiny_model
+    from training.store import ModelStore
+
+    settings = worker_settings.replace(model_store=str(tmp_path / "models"))
+    store = ModelStore(settings.model_store)
+    good = store.publish(tiny_model(0), now=time.time())
+    broken = store.publish(tiny_model(1), now=time.time() + 1)  # LATEST, then damaged as a half-done upload would be
+    model_file = next((Path(settings.model_store) / broken).glob("*.ubj"))
+    model_file.write_bytes(model_file.read_bytes()[: len(model_file.read_bytes()) // 2])
+    assert store.latest_version() == broken
+    worker = WorkerProcess.start(settings, tmp_path / "worker.log", ready_timeout=120)
+    try:
+        assert worker.model_version() == good
+        assert f"model {broken} REFUSED at start" in worker.tail(400)
+    finally:
+        assert worker.stop() == 0, worker.tail()

@@ -20,7 +20,8 @@ from app.settings import Settings
 from gpu_kernels.features import TARGETS
 from streams import pipeline as pipeline_mod
 from streams.pipeline import MAX_ATTEMPTS, Pipeline, Record
-from streams.recovery import ListPartitionLog, LogRecord, SnapshotStore
+from streams.recovery import LogRecord, SnapshotStore
+from streams.testing import ListPartitionLog
 from streams.scorer import Scorer
 from streams.sinks.redis_sink import WriteResult
 from streams.window_store import WindowStore
