@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 COMMIT_EVERY_S = 1.0
 LAG_EVERY_S = 5.0
+FLAPPING = (5, 60.0)  # this many assignments within this many seconds: something is wrong with the group
 
 
 def claim_worker_id(settings: Settings) -> tuple[str, IO[str] | None]:
@@ -95,6 +96,8 @@ class MetricsIngest:
         self._committed: dict[int, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._assignments: list[float] = []  # monotonic times of recent assignments
+        self._flap_logged = -float("inf")
 
     def _consumer(self) -> AIOKafkaConsumer:
         s = self.settings
@@ -224,7 +227,22 @@ class MetricsIngest:
         mine = sorted(self._assigned())
         self.metrics.partitions_assigned.set(len(mine))
         self.metrics.ready.set(1)  # in the group, even with no partition to own
+        self.metrics.rebalances.inc()
         log.info("assigned partitions %s of %s", mine, self.settings.topic_metrics)
+        self._warn_if_flapping()
+
+    def _warn_if_flapping(self) -> None:
+        """Two workers with one static id fence each other at every heartbeat: say so loudly."""
+        now = time.monotonic()
+        count, window = FLAPPING
+        self._assignments = [t for t in self._assignments if now - t < window] + [now]
+        if len(self._assignments) >= count and now - self._flap_logged >= window:
+            self._flap_logged = now
+            log.error(
+                "the group reassigned this worker's partitions %d times in %.0f s: is another worker running with "
+                "the same id %r (ZHUGE_WORKER_ID)? Every worker of a group needs its own.",
+                len(self._assignments), window, self.worker_id,
+            )
 
     async def revoke(self, partitions: list[int]) -> None:
         """Before another worker takes them: commit what is finished, snapshot, forget."""

@@ -44,6 +44,7 @@ class WorkerMetrics:
         self.recovery_skipped = Counter("zhuge_recovery_skipped_records_total", "Re-delivered records skipped because the windows already held them", registry=r)
         self.redis_errors = Counter("zhuge_redis_errors_total", "Failed Redis writes (retried)", registry=r)
         self.kafka_send_errors = Counter("zhuge_kafka_send_errors_total", "Records whose produce failed and was sent again", ["output"], registry=r)
+        self.rebalances = Counter("zhuge_rebalances_total", "Times this worker's vm.metrics partitions were reassigned", registry=r)
         self.commit_errors = Counter("zhuge_commit_errors_total", "Offset commits that failed (retried with the next batch)", registry=r)
         self.snapshot_errors = Counter("zhuge_snapshot_errors_total", "Window snapshots that could not be written", registry=r)
         self.batch_errors = Counter("zhuge_batch_errors_total", "Micro-batches whose processing raised (retried, then dead-lettered)", registry=r)

@@ -177,8 +177,11 @@ def create_app(settings: Settings, worker_id: str, runtimes: Runtimes | None = N
         rt = runtimes.get()
         if rt is None:
             return
-        _maybe_reload(rt)
-        await rt.pipeline.flush_due()
+        try:
+            _maybe_reload(rt)
+            await rt.pipeline.flush_due()
+        except Exception:  # a bug here must not take the timer (and Faust) down; the next tick tries again
+            log.exception("scoring pending VMs failed")
 
     @app.timer(interval=SWEEP_EVERY_S)
     async def _sweep_redis() -> None:
@@ -271,6 +274,7 @@ async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
         xp=xp,
         worker_name=worker_id,
     )
+    await pipeline.mark_redis()
     ingest = MetricsIngest(settings, pipeline, metrics, worker_id)
     await ingest.start()
     return WorkerRuntime(pipeline, ingest, producer, metrics, watcher, history, redis, server, correction)

@@ -173,9 +173,10 @@ class Pipeline:
         reason = "first sight" if state is None else f"offsets went back from {state.next_offset} to {first_offset}"
         started = time.monotonic()
         now = self.clock()
+        snap = await asyncio.to_thread(self.snapshots.load, partition)
         async with self._partition_log(partition) as plog:
-            plan = await plan_recovery(self._load_snapshot(partition), plog, since_ts=now - self.settings.window_span_s)
-            store, pending = self._restore(plan.snapshot)
+            plan = await plan_recovery(snap, plog, since_ts=now - self.settings.window_span_s)
+            store, pending = await asyncio.to_thread(self._restore, plan.snapshot)
             state = PartitionState(
                 store=store,
                 next_offset=max(first_offset, plan.start) if plan.snapshot else first_offset,
@@ -203,9 +204,6 @@ class Pipeline:
             partition, reason, plan.why, replayed, plan.start, max(plan.start, first_offset), time.monotonic() - started,
         )  # fmt: skip
         return state
-
-    def _load_snapshot(self, partition: int) -> Any:
-        return self.snapshots.load(partition)
 
     def _restore(self, snap: Any) -> tuple[WindowStore, set[str]]:
         """The snapshot's store and pending VMs, or an empty store when it is missing or unusable."""
@@ -311,9 +309,9 @@ class Pipeline:
                 out.scores.append((state, batch))
         return out
 
-    def _maybe_evict(self, state: PartitionState, now: float, force: bool = False) -> tuple[list[str], np.ndarray] | None:
+    def _maybe_evict(self, state: PartitionState, now: float) -> tuple[list[str], np.ndarray] | None:
         """Release VMs nothing arrived from for ``vm_ttl_s`` (wall clock: a sample's own ``ts`` cannot evict others)."""
-        if not force and (time.monotonic() - state.last_evict < EVICT_EVERY_S or len(state.store) == 0):
+        if time.monotonic() - state.last_evict < EVICT_EVERY_S or len(state.store) == 0:
             return None
         state.last_evict = time.monotonic()
         rows = state.store.idle_rows(now)
@@ -339,6 +337,16 @@ class Pipeline:
         """After the sinks took the scores: those VMs no longer wait for one."""
         for state, batch in computed.scores:
             state.pending.difference_update(batch.vm)
+
+    async def mark_redis(self) -> None:
+        """At start, before any VM is held: set this worker's Redis marker (nothing to re-score yet)."""
+        if self.worker_name is None:
+            return
+        try:
+            await self.redis_sink.held_since_last_check(self.worker_name)
+            self._last_resync_check = time.monotonic()
+        except Exception as exc:  # Redis away at start: the first timer check sets it (and re-scores)
+            log.debug("Redis marker not set at start: %s", exc)
 
     async def _resync_if_redis_was_reset(self) -> None:
         """Redis came back empty: every VM this worker holds is scored again (not only those with new samples)."""
@@ -387,12 +395,9 @@ class Pipeline:
             return scored
 
     # ------------------------------------------------------------------ sinks
-    def _dlq_out(self, rejected: Sequence[Rejected], sources: Sequence[Any] | None, headers: tuple = ()) -> list[OutRecord]:
+    def _dlq_out(self, rejected: Sequence[Rejected], sources: Sequence[Any] | None) -> list[OutRecord]:
         topic = self.settings.topic_dlq
-        return [
-            OutRecord(topic, key, value, (*hdrs, *headers), output="dlq")
-            for key, value, hdrs in dlq_records(rejected, sources=sources)
-        ]
+        return [OutRecord(topic, key, value, tuple(hdrs), output="dlq") for key, value, hdrs in dlq_records(rejected, sources=sources)]
 
     async def _write_sinks(self, computed: _Computed, records: dict[int, list[Record]], result: BatchResult) -> None:
         s = self.settings
