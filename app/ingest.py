@@ -38,7 +38,7 @@ from typing import IO, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from app.deadlines import within
+from app.deadlines import until_done, within
 from app.settings import Settings
 from streams.pipeline import Pipeline, Record
 
@@ -118,7 +118,7 @@ class MetricsIngest:
     async def start(self) -> None:
         self.consumer = self._consumer()
         self.consumer.subscribe([self.settings.topic_metrics], listener=_Rebalance(self))
-        await self.consumer.start()
+        await until_done(self.consumer.start, f"Kafka at {self.settings.kafka_bootstrap} (consumer)")
         log.info("consuming %s as %s in group %s", self.settings.topic_metrics, self.worker_id, self.settings.consumer_group)
         self._tasks = [
             asyncio.create_task(self._run(), name="metrics-ingest"),

@@ -28,7 +28,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from faust.worker import Worker
 
-from app.deadlines import within
+from app.deadlines import until_done, within
 from app.ingest import MetricsIngest, claim_worker_id
 from app.metrics import WorkerMetrics, start_http_server
 from app.settings import Settings
@@ -39,7 +39,6 @@ log = logging.getLogger("zhuge.worker")
 
 SWEEP_EVERY_S = 300.0
 STOP_SHARE = 0.6  # of shutdown_timeout_s for zhuge's own stop (commit, snapshot); the rest is Faust's
-BROKER_WAIT_LOG_S = 10.0
 
 
 def broker_credentials(settings: Settings) -> Any:
@@ -66,21 +65,13 @@ async def wait_for_topics(settings: Settings) -> None:
     """Wait for the broker (however long it takes), then create the worker's topics when missing."""
     from app.topics import ensure_topics
 
-    loop = asyncio.get_running_loop()
-    last_log = -BROKER_WAIT_LOG_S
-    while True:
-        try:
-            created = await ensure_topics(settings, worker_topics(settings), replication_factor=settings.topic_replication)
-        except Exception as exc:  # broker not up yet, or not reachable: the natural start order allows that
-            if loop.time() - last_log >= BROKER_WAIT_LOG_S:
-                log.warning("waiting for Kafka at %s (%s: %s)", settings.kafka_bootstrap, type(exc).__name__, exc)
-                last_log = loop.time()
-            await asyncio.sleep(1.0)
-            continue
-        if created:
-            log.info("created topics %s (%d partitions, replication %d)", created, settings.topic_partitions,
-                     settings.topic_replication)  # fmt: skip
-        return
+    created = await until_done(
+        lambda: ensure_topics(settings, worker_topics(settings), replication_factor=settings.topic_replication),
+        f"Kafka at {settings.kafka_bootstrap}",
+    )  # fmt: skip
+    if created:
+        log.info("created topics %s (%d partitions, replication %d)", created, settings.topic_partitions,
+                 settings.topic_replication)  # fmt: skip
 
 
 @dataclass
@@ -101,8 +92,7 @@ class WorkerRuntime:
 class Runtimes:
     """Holds the worker's runtime once started, so the signal handler can stop it before Faust stops."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self) -> None:
         self.rt: WorkerRuntime | None = None
         self.ready = asyncio.Event()
 
@@ -138,7 +128,7 @@ def create_app(settings: Settings, worker_id: str, runtimes: Runtimes | None = N
     migrations = app.topic(
         settings.topic_migrations, key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"
     )
-    runtimes = runtimes or Runtimes(settings)
+    runtimes = runtimes or Runtimes()
 
     @app.task
     async def _start() -> None:
@@ -256,7 +246,7 @@ async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
         **settings.aiokafka_kwargs(), linger_ms=5, max_batch_size=1 << 20, acks="all",
         request_timeout_ms=int(settings.kafka_request_timeout_s * 1000),
     )  # fmt: skip
-    await producer.start()
+    await until_done(producer.start, f"Kafka at {settings.kafka_bootstrap} (producer)")
     history = HistorySink.from_settings(settings)
     correction = DowntimeCorrection()
     try:
@@ -285,18 +275,19 @@ async def _first_model(settings: Settings, store: Any) -> Any:
     from training.bootstrap import bootstrap_model
     from training.model import ModelRejected
 
-    if store.latest_version() is not None:
-        try:
-            model, skipped = await asyncio.to_thread(store.load_newest_loadable, settings.slot_s)
-        except ModelRejected as exc:
-            log.error("no version in %s loads (%s): training a bootstrap model", settings.model_store, exc)
-        else:
-            for version, reason in skipped:
-                log.error("model %s REFUSED at start (%s); serving %s", version, reason, model.version)
-            return model
-    log.warning("model store %s has no usable model: training a bootstrap model on simulated data", settings.model_store)
-    model = await asyncio.to_thread(bootstrap_model, settings)
-    store.publish(model)
+    try:
+        model, skipped = await asyncio.to_thread(store.load_newest_loadable, settings.slot_s)
+    except FileNotFoundError:
+        log.warning("model store %s is empty: training a bootstrap model on simulated data", settings.model_store)
+        model = await asyncio.to_thread(bootstrap_model, settings)
+        store.publish(model)  # the other workers (and the next start) take it from there
+        return model
+    except ModelRejected as exc:  # the store is the operator's: serve a bootstrap model, leave LATEST alone
+        log.error("no version in %s loads (%s): serving a bootstrap model until a good one is published",
+                  settings.model_store, exc)  # fmt: skip
+        return await asyncio.to_thread(bootstrap_model, settings)
+    for version, reason in skipped:
+        log.error("model %s REFUSED at start (%s); serving %s", version, reason, model.version)
     return model
 
 
@@ -376,7 +367,7 @@ def run_worker(settings: Settings) -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(wait_for_topics(settings))
-    runtimes = Runtimes(settings)
+    runtimes = Runtimes()
     app = create_app(settings, worker_id, runtimes)
     log.info("worker %s starting (settings: %r)", worker_id, settings)
     worker = BoundedWorker(app, loglevel=settings.log_level.lower(), quiet=True, loop=loop, runtimes=runtimes,

@@ -198,3 +198,39 @@ def scored_newest(settings: Settings, expected: dict[str, float]) -> int:
     finally:
         client.close()
     return sum(1 for vm, ts in zip(expected, got) if ts is not None and float(ts) == expected[vm])
+
+
+@dataclass
+class Outage:
+    """What ``through_outage`` saw: the worker (still running), its pid at start, when the service came back."""
+
+    worker: WorkerProcess
+    pid: int
+    back: float  # monotonic time the service answered again
+    agent: Agent
+    messages: list[tuple[bytes, bytes]]
+    during: dict[str, float | None]  # metrics sampled in the middle of the outage
+
+
+def through_outage(
+    stack: FaultStack, settings: Settings, log: Path, *, service: str, kill: bool, outage_s: float,
+    vms: int = 30, before_s: float = 15.0, after_s: float = 10.0,
+) -> Outage:  # fmt: skip
+    """Start a worker and an agent (one sample per VM every ~second), take ``service`` away for
+    ``outage_s`` (``kill``: SIGKILL, else a clean stop) ``before_s`` into the run, bring it back;
+    the agent keeps sending ``after_s`` more. Returns once the service is back; the caller stops the worker."""
+    seconds = before_s + outage_s + after_s
+    messages = fleet_messages(vms, int(seconds) + 10)
+    worker = WorkerProcess.start(settings, log, ready_timeout=120)
+    agent = Agent(settings, messages, seconds=seconds).start()
+    time.sleep(before_s)
+    (stack.kill if kill else stack.stop)(service)
+    time.sleep(outage_s / 2)
+    during = {
+        "sink_up": worker.sample("zhuge_sink_up", sink="kafka" if service == "kafka" else "redis"),
+        "batch_stalled_s": worker.sample("zhuge_batch_stalled_seconds"),
+    }
+    time.sleep(outage_s / 2)
+    assert worker.proc.poll() is None, f"the worker died during the outage:\n{worker.tail()}"
+    stack.up(service)
+    return Outage(worker, worker.proc.pid, time.monotonic(), agent, messages, during)

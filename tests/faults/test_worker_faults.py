@@ -19,7 +19,9 @@ import pytest
 
 from app.settings import Settings
 from app.worker_process import WorkerProcess, settings_env
-from tests.faults.support import Agent, FaultStack, fleet_messages, log_windows, scored_newest, wait_until
+from tests.faults.support import (
+    Agent, FaultStack, fleet_messages, log_windows, scored_newest, through_outage, wait_until,
+)
 from tests.fuzz_messages import fuzz_messages, newest_per_vm
 from tests.integration.worker_support import assert_same_windows, newest_ts, produce, snapshot_windows
 
@@ -95,56 +97,36 @@ def test_kill_9_early_during_a_replay_then_restart_scores_every_vm_within_30_s(
 def test_the_broker_stopped_60_s_while_the_agent_keeps_sending_then_the_same_worker_catches_up_within_30_s(
     fault_stack: FaultStack, fault_settings: Settings, tmp_path: Path
 ) -> None:
-    messages = fleet_messages(30, 90)  # sent over 80 s: 15 s before the outage, 60 s during, 5 s after
-    worker = WorkerProcess.start(fault_settings, tmp_path / "worker.log", ready_timeout=120)
-    pid = worker.proc.pid
-    agent = Agent(fault_settings, messages, seconds=80).start()
+    run = through_outage(fault_stack, fault_settings, tmp_path / "worker.log", service="kafka", kill=False, outage_s=60)
     try:
-        time.sleep(15)
-        fault_stack.stop("kafka")
-        time.sleep(60)
-        assert worker.proc.poll() is None, f"the worker died during the outage:\n{worker.tail()}"
-        fault_stack.up("kafka")
-        back = time.monotonic()
-        agent.join(120)
-        wait_until(lambda: scored_newest(fault_settings, newest_ts(messages)) == 30,
-                          "every VM scored at its newest sample", 60, worker)  # fmt: skip
-        caught_up = time.monotonic() - back
-        report("broker-outage-60s", caught_up_after_return_s=round(caught_up, 2), agent_done_after_return_s=round(agent.finished_at - back, 2),
-               kafka_send_errors=worker.counter("zhuge_kafka_send_errors_total"), commit_errors=worker.counter("zhuge_commit_errors_total"))  # fmt: skip
-        assert worker.proc.pid == pid and worker.proc.poll() is None
+        run.agent.join(120)
+        wait_until(lambda: scored_newest(fault_settings, newest_ts(run.messages)) == 30,
+                   "every VM scored at its newest sample", 60, run.worker)  # fmt: skip
+        caught_up = time.monotonic() - run.back
+        report("broker-outage-60s", caught_up_after_return_s=round(caught_up, 2),
+               agent_done_after_return_s=round(run.agent.finished_at - run.back, 2), **run.during,
+               kafka_send_errors=run.worker.counter("zhuge_kafka_send_errors_total"))  # fmt: skip
+        assert run.worker.proc.pid == run.pid and run.worker.proc.poll() is None, "the worker restarted"
         assert caught_up < 30
     finally:
-        assert worker.stop() == 0, worker.tail()
+        assert run.worker.stop() == 0, run.worker.tail()
     assert_same_windows(snapshot_windows(fault_settings), log_windows(fault_settings))
 
 
 def test_redis_killed_for_45_s_under_load_then_the_same_worker_scores_every_vm_and_loses_nothing(
     fault_stack: FaultStack, fault_settings: Settings, tmp_path: Path
 ) -> None:
-    messages = fleet_messages(30, 80)  # sent over 70 s: 15 s before, 45 s during, 10 s after the outage
-    worker = WorkerProcess.start(fault_settings, tmp_path / "worker.log", ready_timeout=120)
-    pid = worker.proc.pid
-    agent = Agent(fault_settings, messages, seconds=70).start()
-    try:
-        time.sleep(15)
-        fault_stack.kill("redis")
-        time.sleep(20)
-        redis_up, stalled = worker.sample("zhuge_sink_up", sink="redis"), worker.sample("zhuge_batch_stalled_seconds")
-        time.sleep(25)
-        assert worker.proc.poll() is None, f"the worker died during the outage:\n{worker.tail()}"
-        fault_stack.up("redis")  # back empty: no persistence
-        back = time.monotonic()
-        agent.join(90)
-        took = wait_until(lambda: scored_newest(fault_settings, newest_ts(messages)) == 30,
-                          "every VM scored at its newest sample", 60, worker)  # fmt: skip
-        report("redis-outage-45s", scored_after_return_s=round(time.monotonic() - back, 2), wait_after_agent_s=round(took, 2),
-               redis_errors=worker.counter("zhuge_redis_errors_total"), stalled_batch_s_at_20s=stalled,
-               redis_sink_up_at_20s=redis_up)  # fmt: skip
-        assert worker.proc.pid == pid and worker.proc.poll() is None
-        assert redis_up == 0 and stalled is not None and stalled > 10, "the outage must show on /metrics"
+    run = through_outage(fault_stack, fault_settings, tmp_path / "worker.log", service="redis", kill=True, outage_s=45)
+    try:  # Redis is back empty (no persistence): the worker must write what it holds again
+        run.agent.join(90)
+        took = wait_until(lambda: scored_newest(fault_settings, newest_ts(run.messages)) == 30,
+                          "every VM scored at its newest sample", 60, run.worker)  # fmt: skip
+        report("redis-outage-45s", scored_after_return_s=round(time.monotonic() - run.back, 2), wait_after_agent_s=round(took, 2),
+               redis_errors=run.worker.counter("zhuge_redis_errors_total"), **run.during)  # fmt: skip
+        assert run.worker.proc.pid == run.pid and run.worker.proc.poll() is None, "the worker restarted"
+        assert run.during["sink_up"] == 0 and (run.during["batch_stalled_s"] or 0) > 10, "the outage must show on /metrics"
     finally:
-        assert worker.stop() == 0, worker.tail()
+        assert run.worker.stop() == 0, run.worker.tail()
     assert_same_windows(snapshot_windows(fault_settings), log_windows(fault_settings))
 
 
