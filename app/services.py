@@ -22,7 +22,6 @@ import base64
 import contextlib
 import fcntl
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -34,11 +33,13 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from app.local_tls import LocalCA, client_cert, export_ca, issue_cert, local_ca, run_openssl, write_private
+from app.service_errors import MissingTool, ServiceError
 from app.settings import Settings
 
 Echo = Callable[[str], None]
@@ -49,27 +50,8 @@ START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
-CA_DAYS, CERT_DAYS = 3650, 825
 _SASL_USER = re.compile(r"[A-Za-z0-9._@-]{1,128}")
 
-INSTALL_HINTS = {
-    "java": "Java 17+ runs the Kafka broker: apt-get install openjdk-17-jre-headless",
-    "mvn": "Maven resolves the Kafka jars from Maven Central (once): apt-get install maven",
-    "redis-server": "Redis runs from the system package: apt-get install redis-server",
-    "openssl": "openssl makes the local CA and certificates for TLS: apt-get install openssl",
-}
-
-
-class ServiceError(RuntimeError):
-    """A service could not be started or stopped; the message says what to do."""
-
-
-class MissingTool(ServiceError):
-    """A program we need is not on PATH."""
-
-    def __init__(self, tool: str) -> None:
-        self.tool = tool
-        super().__init__(f"`{tool}` not found on PATH. {INSTALL_HINTS.get(tool, '')}".strip())
 
 
 @dataclass(frozen=True)
@@ -205,131 +187,9 @@ def redact(text: str, settings: Settings) -> str:
 # --------------------------------------------------------------------------- files and certificates
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` readable by this user only (the file may hold a secret)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(text)
-
-
-@dataclass(frozen=True)
-class LocalCA:
-    """The local CA: signs every server and client certificate of the stacks under one state dir."""
-
-    cert: Path
-    key: Path
-
-
-_OPENSSL_CNF = """\
-[req]
-distinguished_name = dn
-[dn]
-[ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always
-[leaf]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth, clientAuth
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid, issuer
-subjectAltName = ${ENV::ZHUGE_SAN}
-"""
-_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-
-
-def _openssl(*args: str | Path, env: dict[str, str] | None = None) -> None:
-    if shutil.which("openssl") is None:
-        raise MissingTool("openssl")
-    result = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if result.returncode != 0:
-        raise ServiceError(f"openssl {args[0]} failed:\n{(result.stdout + result.stderr)[-2000:]}")
-
-
-def local_ca(settings: Settings) -> LocalCA:
-    """The stack's CA, made once under ``<state_dir>/services/ca`` (key mode 0600)."""
-    root = services_root(settings) / "ca"
-    ca = LocalCA(root / "ca.pem", root / "ca.key")
-    root.mkdir(parents=True, exist_ok=True)
-    cnf = root / "openssl.cnf"  # rewritten each time: a newer zhuge may issue other extensions
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two stacks starting at once make one CA
-        cnf.write_text(_OPENSSL_CNF)
-        if ca.cert.exists() and ca.key.exists():
-            return ca
-        key, cert = root / "ca.key.tmp", root / "ca.pem.tmp"
-        _openssl("req", "-x509", "-new", *_EC_KEY, "-keyout", key, "-out", cert, "-days", str(CA_DAYS),
-                 "-subj", f"/CN=zhuge local CA {uuid.uuid4().hex[:8]}", "-config", cnf, "-extensions", "ca",
-                 env={"ZHUGE_SAN": "DNS:localhost"})  # fmt: skip
-        key.chmod(0o600)
-        key.rename(ca.key)
-        cert.rename(ca.cert)
-    return ca
-
-
-def _san(hosts: Iterable[str]) -> str:
-    entries = []
-    for host in dict.fromkeys(hosts):
-        try:
-            entries.append(f"IP:{ipaddress.ip_address(host)}")
-        except ValueError:
-            entries.append(f"DNS:{host}")
-    return ",".join(entries)
-
-
-def issue_cert(ca: LocalCA, cert: Path, key: Path, hosts: Iterable[str]) -> None:
-    """A certificate for ``hosts`` (server and client use), signed by ``ca``; key mode 0600."""
-    hosts = list(hosts)
-    cert.parent.mkdir(parents=True, exist_ok=True)
-    key.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cert.parent) as tmp:
-        csr, new_key, cnf = Path(tmp) / "req.csr", Path(tmp) / "key.pem", ca.cert.parent / "openssl.cnf"
-        env = {"ZHUGE_SAN": _san(hosts)}
-        _openssl("req", "-new", *_EC_KEY, "-keyout", new_key, "-out", csr, "-subj", f"/CN={hosts[0]}",
-                 "-config", cnf, env=env)  # fmt: skip
-        _openssl("x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key, "-set_serial", f"0x{secrets.token_hex(16)}",
-                 "-days", str(CERT_DAYS), "-extfile", cnf, "-extensions", "leaf", "-out", cert, env=env)  # fmt: skip
-        new_key.chmod(0o600)
-        new_key.replace(key)
-
-
-def _pem_blocks(text: str) -> set[str]:
-    return {"".join(b.split()) for b in re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, re.S)}
-
-
-def export_ca(ca: LocalCA, target: str, setting: str, echo: Echo) -> None:
-    """Write the CA certificate to ``target`` for clients, unless there; refuse a file that lacks our CA."""
-    path = Path(target).expanduser()
-    ours = ca.cert.read_text()
-    if path.exists():
-        if _pem_blocks(ours) <= _pem_blocks(path.read_text(errors="replace")):
-            return
-        raise ServiceError(
-            f"{setting}={target} exists but does not hold the local CA of this state dir ({ca.cert}): "
-            f"delete it so that zhuge writes the CA there, or point {setting} at a new file"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(ours)
-    echo(f"wrote the local CA certificate to {target} ({setting})")
-
-
-def client_cert(ca: LocalCA, certfile: str, keyfile: str, prefix: str, echo: Echo) -> None:
-    """Issue a client certificate at ``certfile``/``keyfile`` when both are missing; refuse one our CA did not sign."""
-    cert, key = Path(certfile).expanduser(), Path(keyfile).expanduser()
-    if not cert.exists() and not key.exists():
-        issue_cert(ca, cert, key, ["zhuge-client"])
-        echo(f"issued a client certificate from the local CA: {certfile}, {keyfile}")
-        return
-    if not (cert.exists() and key.exists()):
-        raise ServiceError(f"{prefix}_CERTFILE and {prefix}_KEYFILE: one exists, the other not; delete both or provide both")
-    result = subprocess.run(["openssl", "verify", "-CAfile", str(ca.cert), str(cert)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ServiceError(f"{prefix}_CERTFILE={certfile} is not signed by the local CA ({ca.cert}): delete both files "
-                           "so that zhuge issues new ones")  # fmt: skip
+def stack_ca(settings: Settings) -> LocalCA:
+    """The local CA of the stacks under this state dir (``<state_dir>/services/ca``)."""
+    return local_ca(services_root(settings) / "ca")
 
 
 def _client_trust(settings: Settings, echo: Echo) -> None:
@@ -341,7 +201,7 @@ def _client_trust(settings: Settings, echo: Echo) -> None:
     for tls, prefix, cafile, certfile, keyfile in sides:
         if not tls:
             continue
-        ca = local_ca(settings)
+        ca = stack_ca(settings)
         export_ca(ca, cafile, f"{prefix}_CAFILE", echo)
         if certfile:
             client_cert(ca, certfile, keyfile, prefix, echo)
@@ -597,7 +457,7 @@ def _save_scram(settings: Settings, root: Path) -> None:
         path.unlink(missing_ok=True)
         return
     salt = secrets.token_hex(16)  # a salted digest: tells "same user and password" without keeping the password
-    _write_private(path, json.dumps({"user": settings.kafka_sasl_username, "salt": salt,
+    write_private(path, json.dumps({"user": settings.kafka_sasl_username, "salt": salt,
                                      "digest": _scram_digest(settings, salt)}))  # fmt: skip
 
 
@@ -610,7 +470,7 @@ def _format_storage(settings: Settings, java: list[str], props: Path, root: Path
     """``kafka.tools.StorageTool format``; SCRAM users go through a 0600 @argfile, never onto the command line."""
     args = ["kafka.tools.StorageTool", "format", "--standalone", "-t", _cluster_id(), "-c", str(props), *_scram_args(settings)]
     argfile = root / "format.args"
-    _write_private(argfile, "\n".join(map(_argfile_line, args)) + "\n")
+    write_private(argfile, "\n".join(map(_argfile_line, args)) + "\n")
     try:
         result = subprocess.run([*java, f"@{argfile}"], capture_output=True, text=True, cwd=root)
     finally:
@@ -624,16 +484,16 @@ def _broker_tls(settings: Settings, root: Path, host: str) -> BrokerTLS | None:
     """A fresh broker certificate from the local CA, as the PEM key store Kafka reads (its key encrypted)."""
     if not kafka_tls(settings):
         return None
-    ca = local_ca(settings)
+    ca = stack_ca(settings)
     tls_dir = root / "tls"
     cert, key = tls_dir / "broker.pem", tls_dir / "broker.key"
     issue_cert(ca, cert, key, [host, "localhost", "127.0.0.1"])
     password = secrets.token_urlsafe(24)  # Kafka's PEM key store requires an encrypted key
     encrypted = tls_dir / "broker.key.enc"  # PBES1: Java 17's PBE factories cannot read OpenSSL's PBES2 default
-    _openssl("pkcs8", "-topk8", "-in", key, "-out", encrypted, "-v1", "PBE-SHA1-3DES", "-passout", "env:ZHUGE_KEY_PASS",
+    run_openssl("pkcs8", "-topk8", "-in", key, "-out", encrypted, "-v1", "PBE-SHA1-3DES", "-passout", "env:ZHUGE_KEY_PASS",
              env={"ZHUGE_KEY_PASS": password})  # fmt: skip
     keystore = tls_dir / "keystore.pem"
-    _write_private(keystore, encrypted.read_text() + cert.read_text() + ca.cert.read_text())
+    write_private(keystore, encrypted.read_text() + cert.read_text() + ca.cert.read_text())
     encrypted.unlink()
     return BrokerTLS(keystore, password, ca.cert, client_auth=bool(settings.kafka_ssl_certfile))
 
@@ -690,12 +550,12 @@ def _start_kafka(settings: Settings, echo: Echo) -> int:
             echo(f"kafka: {reason}; starting with fresh data")
         shutil.rmtree(data, ignore_errors=True)
         controller = free_port(host)
-        _write_private(props, _kafka_properties(settings, host, port, controller, data, tls))
+        write_private(props, _kafka_properties(settings, host, port, controller, data, tls))
         _format_storage(settings, java, props, root)
         controller_file.write_text(f"{controller}\n")
     else:
         assert controller is not None  # a reason is given whenever it is missing
-        _write_private(props, _kafka_properties(settings, host, port, controller, data, tls))
+        write_private(props, _kafka_properties(settings, host, port, controller, data, tls))
     pid = _spawn([*java, "kafka.Kafka", str(props)], root, logs / "stdout.log")
     pid_file.write_text(f"{pid}\n")
     return pid
@@ -784,7 +644,7 @@ def _redis_listen_args(settings: Settings, root: Path, host: str, port: int) -> 
     """``--port N``, or with rediss:// TLS only on N (plain port off), certificates from the local CA."""
     if not redis_tls(settings):
         return ["--port", str(port)]
-    ca = local_ca(settings)
+    ca = stack_ca(settings)
     cert, key = root / "tls" / "server.pem", root / "tls" / "server.key"
     issue_cert(ca, cert, key, [host, "localhost", "127.0.0.1"])
     auth_clients = "yes" if settings.redis_ssl_certfile else "no"
@@ -800,7 +660,7 @@ def _start_redis(settings: Settings, echo: Echo) -> int:
     root = service_dir(settings, "redis", port)
     root.mkdir(parents=True, exist_ok=True)
     conf = root / "redis.conf"
-    _write_private(conf, _redis_conf(settings))
+    write_private(conf, _redis_conf(settings))
     args = [exe, str(conf), "--bind", host, *_redis_listen_args(settings, root, host, port), "--save", "",
             "--appendonly", "no", "--dir", str(root), "--daemonize", "no", "--protected-mode", "no"]  # fmt: skip
     pid = _spawn(args, root, root / "redis.log")

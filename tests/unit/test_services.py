@@ -218,7 +218,7 @@ def test_redis_password_goes_into_a_private_config_file_not_the_command_line(tmp
     path = tmp_path / "redis.conf"
     path.write_text("old")
     path.chmod(0o644)
-    svc._write_private(path, conf)
+    svc.write_private(path, conf)
     assert path.stat().st_mode & 0o777 == 0o600 and path.read_text() == conf
 
 
@@ -240,7 +240,7 @@ def test_rediss_serves_tls_only_with_a_certificate_from_the_local_ca(tmp_path):
     s = secure(tmp_path)
     opts = options(s)
     assert opts["--port"] == "0" and opts["--tls-port"] == "26380" and opts["--tls-auth-clients"] == "no"
-    assert opts["--tls-ca-cert-file"] == str(svc.local_ca(s).cert)
+    assert opts["--tls-ca-cert-file"] == str(svc.stack_ca(s).cert)
     assert Path(opts["--tls-key-file"]).stat().st_mode & 0o777 == 0o600
     mutual = secure(tmp_path, redis_ssl_certfile="/c.pem", redis_ssl_keyfile="/c.key")
     assert options(mutual)["--tls-auth-clients"] == "yes"  # client certificates required
@@ -249,16 +249,16 @@ def test_rediss_serves_tls_only_with_a_certificate_from_the_local_ca(tmp_path):
 @needs_openssl
 def test_local_ca_is_made_once_and_its_certificates_pass_client_hostname_checks(tmp_path):
     s = settings(tmp_path)
-    ca = svc.local_ca(s)
+    ca = svc.stack_ca(s)
     pem = ca.cert.read_text()
-    assert svc.local_ca(s) == ca and ca.cert.read_text() == pem
+    assert svc.stack_ca(s) == ca and ca.cert.read_text() == pem
     assert ca.key.stat().st_mode & 0o777 == 0o600
     cert, key = tmp_path / "srv" / "server.pem", tmp_path / "srv" / "server.key"
     svc.issue_cert(ca, cert, key, ["127.0.0.1", "localhost"])
     assert key.stat().st_mode & 0o777 == 0o600
     for host in ("127.0.0.1", "localhost"):
         assert _tls_handshake(cert, key, ca.cert, host) == "ok"
-    other = svc.local_ca(settings(tmp_path / "other"))
+    other = svc.stack_ca(settings(tmp_path / "other"))
     assert "certificate verify failed" in _tls_handshake(cert, key, other.cert, "127.0.0.1")
 
 
@@ -290,17 +290,17 @@ def _tls_handshake(cert: Path, key: Path, cafile: Path, server_hostname: str) ->
 
 @needs_openssl
 def test_ca_is_written_for_clients_and_a_foreign_ca_file_is_refused(tmp_path):
-    ca = svc.local_ca(settings(tmp_path))
+    ca = svc.stack_ca(settings(tmp_path))
     lines: list[str] = []
     target = tmp_path / "clients" / "ca.pem"
     svc.export_ca(ca, str(target), "ZHUGE_KAFKA_SSL_CAFILE", lines.append)
     assert target.read_text() == ca.cert.read_text() and len(lines) == 1
     svc.export_ca(ca, str(target), "ZHUGE_KAFKA_SSL_CAFILE", lines.append)  # ours already: nothing to do
     bundle = tmp_path / "bundle.pem"
-    bundle.write_text(svc.local_ca(settings(tmp_path / "x")).cert.read_text() + ca.cert.read_text())
+    bundle.write_text(svc.stack_ca(settings(tmp_path / "x")).cert.read_text() + ca.cert.read_text())
     svc.export_ca(ca, str(bundle), "ZHUGE_KAFKA_SSL_CAFILE", lines.append)  # a bundle holding ours: fine
     foreign = tmp_path / "foreign.pem"
-    foreign.write_text(svc.local_ca(settings(tmp_path / "y")).cert.read_text())
+    foreign.write_text(svc.stack_ca(settings(tmp_path / "y")).cert.read_text())
     with pytest.raises(svc.ServiceError, match="does not hold the local CA"):
         svc.export_ca(ca, str(foreign), "ZHUGE_REDIS_SSL_CAFILE", lines.append)
     assert len(lines) == 1
@@ -308,13 +308,13 @@ def test_ca_is_written_for_clients_and_a_foreign_ca_file_is_refused(tmp_path):
 
 @needs_openssl
 def test_client_certificates_are_issued_once_and_foreign_ones_refused(tmp_path):
-    ca = svc.local_ca(settings(tmp_path))
+    ca = svc.stack_ca(settings(tmp_path))
     cert, key = tmp_path / "c" / "client.pem", tmp_path / "c" / "client.key"
     svc.client_cert(ca, str(cert), str(key), "ZHUGE_REDIS_SSL", lambda line: None)
     first = cert.read_text()
     svc.client_cert(ca, str(cert), str(key), "ZHUGE_REDIS_SSL", lambda line: None)
     assert cert.read_text() == first
-    other = svc.local_ca(settings(tmp_path / "other"))
+    other = svc.stack_ca(settings(tmp_path / "other"))
     svc.issue_cert(other, cert, key, ["zhuge-client"])
     with pytest.raises(svc.ServiceError, match="not signed by the local CA"):
         svc.client_cert(ca, str(cert), str(key), "ZHUGE_REDIS_SSL", lambda line: None)
