@@ -37,11 +37,10 @@ def _view(settings: Settings, metrics: dict[str, float], model: str, rate: float
     stats.add_row("consumer lag", f"{metrics.get('zhuge_consumer_lag', 0):,.0f} msgs", "mean e2e lag", f"{lag:.1f} s")
     stats.add_row("model", model, "VMs in Redis", f"{n_vms:,}")
     table = Table(title="best candidates to migrate now", expand=True)
-    for col in ("vm", "host", "now ms", "best window (UTC)", "best ms", "p_ok"):
+    for col in ("vm", "host", "now ms", "recommended window (UTC)", "window ms", "p_ok", "rule"):
         table.add_column(col)
     for r in top:
-        start = time.strftime("%H:%M", time.gmtime(float(r.get("best_start", 0))))
-        end = time.strftime("%H:%M", time.gmtime(float(r.get("best_end", 0))))
+        start, end = _hhmm(r.get("best_start")), _hhmm(r.get("best_end"))
         table.add_row(
             str(r.get("vm")),
             str(r.get("host", "")),
@@ -49,8 +48,17 @@ def _view(settings: Settings, metrics: dict[str, float], model: str, rate: float
             f"{start}-{end}",
             f"{float(r.get('best_downtime_ms', 0)):.0f}",
             f"{float(r.get('p_ok', 0)):.2f}",
+            str(r.get("window_rule", "-")),
         )
     return Group(Panel(stats, title=f"zhuge demo - Kafka {settings.kafka_bootstrap}, Redis {settings.redis_address}"), table)
+
+
+def _hhmm(ts: object) -> str:
+    """UTC hh:mm of an epoch time; "-" for a missing or non-finite one (no forecast, no convergence)."""
+    try:
+        return time.strftime("%H:%M", time.gmtime(float(ts)))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "-"
 
 
 async def _poll_redis(settings: Settings) -> tuple[list[dict], int]:

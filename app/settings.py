@@ -89,6 +89,22 @@ class Settings:
         "the forecaster itself runs once per VM per slot",
         default=0,
     )
+    window_tolerance_ms: float = _doc(
+        "recommended window: a start counts as nearly minimal when its predicted downtime is within "
+        "max(this, ZHUGE_WINDOW_TOLERANCE_REL x minimum) ms of the VM's minimum; the earliest such start that "
+        "fits the target is published (waiting hours to save a few ms is no saving)",
+        default=10.0,
+    )
+    window_tolerance_rel: float = _doc(
+        "recommended window: the tolerance above the minimum as a fraction of it (0.1 = 10%), the larger of this "
+        "and ZHUGE_WINDOW_TOLERANCE_MS applies",
+        default=0.1,
+    )
+    window_min_p_ok: float = _doc(
+        "recommended window: the least p_ok (probability the pause stays under the target) a start needs to fit; "
+        "when no nearly-minimal start fits, the earliest nearly-minimal one is published (window_rule minimum)",
+        default=0.9,
+    )
     # --- migration / downtime model ----------------------------------------
     link_mbps: float = _doc("migration link bandwidth, MB/s (10 GbE ~ 1250)", default=1250.0)
     downtime_target_ms: float = _doc("downtime target: stop pre-copy once the remainder fits it (QEMU default 300)", default=300.0)
@@ -150,6 +166,8 @@ class Settings:
             raise ValueError("horizon_s must be at least one slot")
         if self.kafka_security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ValueError(f"unknown Kafka security protocol {self.kafka_security_protocol!r}")
+        if self.window_tolerance_ms < 0 or self.window_tolerance_rel < 0 or not 0 <= self.window_min_p_ok <= 1:
+            raise ValueError("window_tolerance_ms and window_tolerance_rel must be >= 0, window_min_p_ok in [0, 1]")
         if self.link_mbps <= 0 or self.downtime_target_ms <= 0 or self.max_rounds < 1:
             raise ValueError("link_mbps, downtime_target_ms and max_rounds must be positive")
         if self.topic_partitions < 1 or self.topic_replication < 1:

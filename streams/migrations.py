@@ -11,9 +11,14 @@ Message contract (value: one JSON object or a JSON array of objects; key = VM id
 ``vm`` (str, required), ``start`` and ``end`` (epoch s, required, end >= start),
 ``downtime_ms`` (observed pause, required, >= 0), ``bytes`` (transferred, >= 0),
 ``rounds`` (pre-copy rounds, int >= 0), ``host_from`` / ``host_to`` (str),
-``link_mbps`` (> 0); strings without control characters, numbers at most the
-physical bounds of ``streams.schema.Limits`` (``max_downtime_ms`` ...), ``end`` at most
-``Limits.max_future_s`` ahead. Unknown fields are ignored, ``null`` counts as missing;
+``link_mbps`` (> 0); optionally, from an executor that knows what zhuge predicted:
+``total_ms`` (whole migration, >= 0), ``converged`` (bool; false = aborted or forced by
+the management layer's policy), ``predicted_downtime_ms`` / ``predicted_total_ms`` (>= 0,
+the score in force at ``start``), ``predicted_at`` (epoch s, that score's ``updated``),
+``model`` (str, that score's model), ``downtime_limit_ms`` (> 0), ``policy`` (str <= 64).
+Strings without control characters, numbers at most the physical bounds of
+``streams.schema.Limits`` (``max_downtime_ms`` bounds every ms field ...), ``end`` and
+``predicted_at`` at most ``Limits.max_future_s`` ahead. Unknown fields are ignored, ``null`` counts as missing;
 anything invalid becomes a ``streams.schema.Rejected`` for the DLQ, with the
 same reason format as ``vm.metrics`` (``[2].downtime_ms: must be >= 0``).
 
@@ -46,6 +51,7 @@ CORRECTION_KEY = "correction"  # Redis key: <prefix>correction
 STATE_VERSION = 1
 _Str = Annotated[str, Meta(max_length=256)]
 _NonNeg = Annotated[float, Meta(ge=0)]
+_LOG_NAMED = 5  # not-converged VMs named per log line
 
 
 class Migration(msgspec.Struct):
@@ -61,21 +67,38 @@ class Migration(msgspec.Struct):
     host_from: _Str | None = None
     host_to: _Str | None = None
     link_mbps: Annotated[float, Meta(gt=0)] | None = None
+    # reported by an executor that knows the score in force when the migration started
+    total_ms: _NonNeg | None = None
+    converged: bool | None = None  # False: aborted / forced by policy, the pause is not the model's
+    predicted_downtime_ms: _NonNeg | None = None  # that score's now_downtime_ms
+    predicted_total_ms: _NonNeg | None = None
+    predicted_at: float | None = None  # that score's ``updated``
+    model: _Str | None = None  # that score's model version
+    downtime_limit_ms: Annotated[float, Meta(gt=0)] | None = None
+    policy: Annotated[str, Meta(max_length=64)] | None = None  # e.g. "abort", "ramp", "force"
 
 
 @dataclass
 class MigrationBatch:
-    """Good migrations of a batch, columnar; absent numbers are NaN, absent hosts ""."""
+    """Good migrations of a batch, columnar; absent numbers are NaN, absent strings ""."""
 
     vm: list[str]
     host_from: list[str]
     host_to: list[str]
+    model: list[str]
+    policy: list[str]
     start: np.ndarray  # float64 (n,)
     end: np.ndarray
     downtime_ms: np.ndarray
     transferred_bytes: np.ndarray
     rounds: np.ndarray  # float64 so that "absent" can be NaN
     link_mbps: np.ndarray
+    total_ms: np.ndarray
+    converged: np.ndarray  # float64: 1 converged, 0 did not, NaN not reported (treated as converged)
+    predicted_downtime_ms: np.ndarray
+    predicted_total_ms: np.ndarray
+    predicted_at: np.ndarray
+    downtime_limit_ms: np.ndarray
     rejected: list[Rejected] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -83,11 +106,14 @@ class MigrationBatch:
 
 
 _migrations = ObjectDecoder(Migration)
-_NUM = ("start", "end", "downtime_ms", "transferred_bytes", "rounds", "link_mbps")
-_STR = ("vm", "host_from", "host_to")
-# column, its name in the message, the Limits field bounding it
+_NUM = ("start", "end", "downtime_ms", "transferred_bytes", "rounds", "link_mbps", "total_ms", "converged",
+        "predicted_downtime_ms", "predicted_total_ms", "predicted_at", "downtime_limit_ms")
+_STR = ("vm", "host_from", "host_to", "model", "policy")
+# column, its name in the message, the Limits field bounding it (every duration in ms: max_downtime_ms, one day)
 _UPPER = (("downtime_ms", "downtime_ms", "max_downtime_ms"), ("transferred_bytes", "bytes", "max_transferred_bytes"),
-          ("rounds", "rounds", "max_rounds"), ("link_mbps", "link_mbps", "max_link_mbps"))
+          ("rounds", "rounds", "max_rounds"), ("link_mbps", "link_mbps", "max_link_mbps"),
+          *((ms, ms, "max_downtime_ms") for ms in ("total_ms", "predicted_downtime_ms", "predicted_total_ms",
+                                                   "downtime_limit_ms")))
 
 
 def decode_migrations(
@@ -101,7 +127,8 @@ def decode_migrations(
 
     Same rules as ``streams.schema.decode_messages``: an array keeps its good
     objects and yields one ``Rejected`` (whole original bytes) naming the bad
-    indices; ``start``/``end`` must lie in ``[limits.min_ts, now + limits.max_future_s]``,
+    indices; ``start``/``end`` and ``predicted_at`` (when given) must lie in
+    ``[limits.min_ts, now + limits.max_future_s]``,
     strings must not contain control characters, numbers must not exceed the
     ``limits.max_*`` bounds.
     """
@@ -120,6 +147,8 @@ def _columns(got: list[Migration]) -> MigrationBatch:
         vm=[m.vm for m in got],
         host_from=[m.host_from or "" for m in got],
         host_to=[m.host_to or "" for m in got],
+        model=[m.model or "" for m in got],
+        policy=[m.policy or "" for m in got],
         **c,
     )
 
@@ -131,11 +160,14 @@ def _check_ranges(b: MigrationBatch, src: np.ndarray, pos: np.ndarray, reasons: 
     bad_old = b.start < limits.min_ts
     bad_future = b.end > now + limits.max_future_s
     bad_order = b.end < b.start
+    with np.errstate(invalid="ignore"):  # NaN (absent) compares False
+        bad_at_old = b.predicted_at < limits.min_ts
+        bad_at_future = b.predicted_at > now + limits.max_future_s
     upper = np.array([getattr(limits, lim) for _, _, lim in _UPPER], dtype=np.float64)
     values = np.column_stack([getattr(b, col) for col, _, _ in _UPPER]).reshape(len(b), len(_UPPER))
     with np.errstate(invalid="ignore"):
         too_high = values > upper  # NaN (absent) compares False
-    bad = control.any(axis=1) | bad_old | bad_future | bad_order | too_high.any(axis=1)
+    bad = control.any(axis=1) | bad_old | bad_future | bad_order | bad_at_old | bad_at_future | too_high.any(axis=1)
     if not bad.any():
         return
     for k in np.flatnonzero(bad):  # failing migrations only
@@ -148,6 +180,10 @@ def _check_ranges(b: MigrationBatch, src: np.ndarray, pos: np.ndarray, reasons: 
             why = f"{where}end: {b.end[k]:.0f} is more than {limits.max_future_s:.0f} s in the future"
         elif bad_order[k]:
             why = f"{where}end: {b.end[k]:.3f} is before start {b.start[k]:.3f}"
+        elif bad_at_old[k]:
+            why = f"{where}predicted_at: {b.predicted_at[k]:.0f} is before {limits.min_ts:.0f}"
+        elif bad_at_future[k]:
+            why = f"{where}predicted_at: {b.predicted_at[k]:.0f} is more than {limits.max_future_s:.0f} s in the future"
         else:
             j = int(np.flatnonzero(too_high[k])[0])
             why = f"{where}{_UPPER[j][1]}: must be <= {bound_text(upper[j])}"
@@ -196,7 +232,8 @@ class DowntimeCorrection:
         self.lo, self.hi = float(lo), float(hi)
         self._log_lo, self._log_hi = math.log(lo), math.log(hi)
         self._state = _State()
-        self.counts: Counter[str] = Counter()  # used / no_score / stale / rejected, for logs and tests
+        # used (of which message_prediction) / no_score / stale / not_converged / rejected, for logs and tests
+        self.counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ reading
     @property
@@ -396,37 +433,51 @@ async def handle_migrations(
 ) -> list[Rejected]:
     """Decode a batch of ``vm.migrations`` messages and fold them into the shared correction.
 
-    The prediction compared with each observation is the VM's ``now_downtime_ms``
-    from ``<prefix>vm:<vm>`` (one pipelined read for the batch); its ``host`` is
-    used when the message has no ``host_from``. VMs without a usable score are
-    skipped (``counts["no_score"]``), and so are scores that cannot be the one
-    in force when the migration ran (``counts["stale"]``): computed from samples
-    newer than ``end`` (already the destination), or older than
-    ``max_score_age_s`` before ``start`` (None: no check). ``scores_corrected``:
-    the scores were written by a scorer that applies this correction, so the
-    current factor is divided out. Returns the rejections for the DLQ.
+    Which prediction each observation is compared with:
+
+    - a message with ``predicted_downtime_ms`` carries it (the score in force
+      when the migration started, as the executor saw it): used as is, with no
+      Redis read and no staleness check; its host is ``host_from`` only (the
+      VM's current score may already be the destination's), "" = fleet factor only;
+    - otherwise the VM's ``now_downtime_ms`` from ``<prefix>vm:<vm>`` (one
+      pipelined read for those VMs), which may have been recomputed since:
+      its ``host`` is used when the message has no ``host_from``, and a score
+      that cannot be the one in force when the migration ran is skipped
+      (``counts["stale"]``): computed from samples newer than ``end`` (already
+      the destination), or older than ``max_score_age_s`` before ``start``
+      (None: no check). VMs without a usable score (none, or 0) are skipped
+      (``counts["no_score"]``), and so is a message prediction of 0.
+
+    ``converged`` false: the pause was the policy's (abort, forced switch-over),
+    not the model's downtime, so it is not learned from; counted
+    (``counts["not_converged"]``) and logged.
+
+    ``scores_corrected``: the predictions were made by a scorer that applies
+    this correction, so the factor is divided out; it is the factor at handling
+    time, not the one in force at ``start`` or ``predicted_at`` (not recorded
+    anywhere): an approximation, off by what was learned in between, which is
+    little when migrations are reported promptly. Returns the rejections for
+    the DLQ.
     """
     batch = decode_migrations(raws, keys, now=now, limits=limits)
     correction.counts["rejected"] += len(batch.rejected)
     if len(batch) == 0:
         return batch.rejected
-    vms = sorted(set(batch.vm))
-    async with redis_client.pipeline(transaction=False) as pipe:
-        for vm in vms:
-            pipe.hmget(f"{prefix}vm:{vm}", "now_downtime_ms", "host", "last_ts")
-        rows = await pipe.execute()
-    score = {vm: (_num(r[0]), "" if r[1] is None else _text(r[1]), _num(r[2])) for vm, r in zip(vms, rows, strict=True)}
-    pred = np.array([score[v][0] for v in batch.vm])
-    last_ts = np.array([score[v][2] for v in batch.vm])
-    hosts = [hf or score[v][1] for v, hf in zip(batch.vm, batch.host_from, strict=True)]
-    has_score = np.isfinite(pred) & (pred > 0)
+    aborted = batch.converged == 0  # NaN (not reported) compares False: today's behaviour
+    own = ~aborted & np.isfinite(batch.predicted_downtime_ms)
+    need = ~aborted & ~own
+    pred, score_host, last_ts = await _scores(redis_client, prefix, batch.vm, need)
+    pred = np.where(own, batch.predicted_downtime_ms, pred)
+    hosts = [hf or sh for hf, sh in zip(batch.host_from, score_host, strict=True)]  # sh is "" unless read
+    has_pred = np.isfinite(pred) & (pred > 0)
     fresh = np.ones(len(batch), bool)
     if max_score_age_s is not None:
-        known = np.isfinite(last_ts)
-        fresh = ~known | ((last_ts <= batch.end) & (last_ts >= batch.start - max_score_age_s))
-    use = has_score & fresh
-    correction.counts["no_score"] += int((~has_score).sum())
-    correction.counts["stale"] += int((has_score & ~fresh).sum())
+        fresh = ~need | ~np.isfinite(last_ts) | ((last_ts <= batch.end) & (last_ts >= batch.start - max_score_age_s))
+    use = ~aborted & has_pred & fresh
+    no_score, stale = int((~aborted & ~has_pred).sum()), int((~aborted & has_pred & ~fresh).sum())
+    correction.counts["no_score"] += no_score
+    correction.counts["stale"] += stale
+    correction.counts["not_converged"] += int(aborted.sum())
     if use.any():
         idx = np.flatnonzero(use)
         h = [hosts[i] for i in idx]
@@ -434,12 +485,44 @@ async def handle_migrations(
         used = await correction.update_shared(redis_client, prefix, h, batch.downtime_ms[idx], pred[idx],
                                               applied=applied)
         correction.counts["used"] += used
+        correction.counts["message_prediction"] += int(own[idx].sum())
+    if aborted.any():
+        named = np.flatnonzero(aborted)[:_LOG_NAMED]
+        log.info("vm.migrations: %d did not converge, not learned from: %s%s", int(aborted.sum()),
+                 ", ".join(f"{batch.vm[i]} (policy {batch.policy[i] or '?'})" for i in named),
+                 " ..." if aborted.sum() > _LOG_NAMED else "")
     log.info(
-        "vm.migrations: %d observed, %d used, %d without score, %d stale, %d rejected; global factor %.3f",
-        len(batch), int(use.sum()), int((~has_score).sum()), int((has_score & ~fresh).sum()),
+        "vm.migrations: %d observed, %d used (%d with their own prediction), %d without score, %d stale, "
+        "%d not converged, %d rejected; global factor %.3f",
+        len(batch), int(use.sum()), int((use & own).sum()), no_score, stale, int(aborted.sum()),
         len(batch.rejected), correction.global_factor(),
     )
     return batch.rejected
+
+
+async def _scores(client: Any, prefix: str, vms: list[str],
+                  need: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``now_downtime_ms``, ``host``, ``last_ts`` of the rows in ``need``: one pipelined read of their VMs.
+
+    Other rows get NaN / "": a batch whose messages all carry their own
+    prediction costs no round trip.
+    """
+    n = len(vms)
+    pred, last_ts, host = np.full(n, np.nan), np.full(n, np.nan), [""] * n
+    rows = np.flatnonzero(need).tolist()
+    if not rows:
+        return pred, host, last_ts
+    uniq = sorted({vms[i] for i in rows})
+    async with client.pipeline(transaction=False) as pipe:
+        for vm in uniq:
+            pipe.hmget(f"{prefix}vm:{vm}", "now_downtime_ms", "host", "last_ts")
+        got = await pipe.execute()
+    score = {vm: (_num(r[0]), "" if r[1] is None else _text(r[1]), _num(r[2])) for vm, r in zip(uniq, got, strict=True)}
+    pred[rows] = [score[vms[i]][0] for i in rows]
+    last_ts[rows] = [score[vms[i]][2] for i in rows]
+    for i in rows:
+        host[i] = score[vms[i]][1]
+    return pred, host, last_ts
 
 
 def _num(v: Any) -> float:

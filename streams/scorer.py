@@ -1,4 +1,4 @@
-"""Window-store rows -> forecast -> pre-copy downtime per slot -> best window (a ScoreBatch).
+"""Window-store rows -> forecast -> pre-copy downtime per slot -> migration windows (a ScoreBatch).
 
 One micro-batch step, on whichever device the store lives (NumPy or CuPy):
 1. windows -> features (``gpu_kernels.features.build_features``) -> model on its
@@ -7,17 +7,21 @@ One micro-batch step, on whichever device the store lives (NumPy or CuPy):
 2. migration bandwidth per slot = link - (the VM's own q90 network forecast +
    the other VMs' latest observed network on its host), floored at 10% of the
    link (a migration always gets some share: QoS / reserved migration class);
-3. downtime per slot from the pre-copy model at the upper (q90) dirty rate;
-   the best window is the earliest lowest (``gpu_kernels.window``);
-4. ``p_ok`` from the two dirty-rate quantiles, the worst slot the best window
-   covers; ``now_downtime_ms`` is the first slot's downtime.
+3. downtime per slot from the pre-copy model at the upper (q90) dirty rate, and
+   ``p_ok`` per slot from the two dirty-rate quantiles; per start slot, the
+   worst of each over the slots a migration started there covers;
+4. two windows (``gpu_kernels.window``): the recommended one (``best_*``,
+   ``p_ok``, ``window_rule``: the earliest nearly-minimal start that fits the
+   target with ``p_ok >= window_min_p_ok``) and the strict minimum (``min_*``);
+   ``now_*`` describe a migration started in the first slot.
 Optional correction learned from observed migrations (``streams.migrations``):
 each VM's downtime per slot is multiplied by its factor f before the window
-search, and ``p_ok`` asks whether the *corrected* pause fits the target, i.e.
-whether the model's pause fits ``target / f`` (the convergence margin shrinks
-when the model under-predicts). Durations are left uncorrected (the pause is a
-small part of a migration). Without a correction, or with all factors 1, the
-results are bit-identical to the uncorrected path.
+search (so "fits the target" judges the corrected pause), and ``p_ok`` asks
+whether the *corrected* pause fits the target, i.e. whether the model's pause
+fits ``target / f`` (the convergence margin shrinks when the model
+under-predicts). Durations are left uncorrected (the pause is a small part of a
+migration). Without a correction, or with all factors 1, the results are
+bit-identical to the uncorrected path.
 Memory M is the newest observed ``mem_used_mb`` (QEMU skips zero pages, so
 used memory drives round 0), falling back to ``mem_total_mb``.
 """
@@ -31,7 +35,7 @@ import numpy as np
 
 from gpu_kernels.downtime import PrecopyParams, p_ok, precopy_with
 from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, build_features
-from gpu_kernels.window import best_window
+from gpu_kernels.window import WINDOW_RULES, WindowPolicy, best_window, recommended_window, window_min
 from gpu_kernels.xp import to_numpy
 from streams.scores import ScoreBatch
 
@@ -39,6 +43,12 @@ BW_FLOOR_FRACTION = 0.1
 _T_DIRTY = TARGETS.index("dirty_mbps")
 _T_NET = TARGETS.index("net_mbps")
 _C_MEM = WINDOW_CHANNELS.index("mem_used_mb")
+# score_windows' columns and their ScoreBatch dtypes
+_COLUMNS = {
+    "best_start": np.float64, "best_end": np.float64, "best_downtime_ms": np.float32, "p_ok": np.float32,
+    "window_rule": np.str_, "min_start": np.float64, "min_end": np.float64, "min_downtime_ms": np.float32,
+    "min_p_ok": np.float32, "now_downtime_ms": np.float32, "now_p_ok": np.float32, "now_total_s": np.float32,
+}  # fmt: skip
 
 
 def interp_weights(horizons: Any, horizon_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -90,12 +100,16 @@ def score_windows(
     tol_ms: float = 1.0,
     downtime_factor: Any = None,
     pred: Any = None,
+    policy: WindowPolicy | None = None,
 ) -> dict[str, np.ndarray]:
-    """The scoring kernel for one chunk of VMs; returns host (NumPy) columns.
+    """The scoring kernel for one chunk of VMs; returns host (NumPy) columns named as ``ScoreBatch``'s.
 
+    ``tol_ms``: ties of the strict minimum (``min_*``): the earliest start within it.
     ``downtime_factor``: optional per-VM ``(k,)`` multiplicative correction of
     predicted downtime (None: uncorrected). ``pred``: the chunk's forecast from
     :func:`forecast_grid` when the caller has it cached (None: computed here).
+    ``policy``: what the recommended window (``best_*``) must meet (None:
+    ``WindowPolicy()``, the settings' defaults).
     """
     last_slot = xp.asarray(attrs["last_slot"], dtype=xp.int64)
     k = int(last_slot.shape[0])
@@ -121,33 +135,41 @@ def score_windows(
     pc = precopy_with(params, mem, dirty90, bw, xp)
     dur_slots = xp.ceil(xp.nan_to_num(pc.duration_s, nan=slot_s) / slot_s)
     dur_slots = xp.clip(dur_slots, 1, horizon_slots).astype(xp.int64)
-    downtime, target_ms = pc.downtime_ms, params.downtime_target_ms
+    downtime, p_target_ms = pc.downtime_ms, params.downtime_target_ms
     if downtime_factor is not None:
         f = xp.asarray(downtime_factor, dtype=xp.float64).reshape(k, 1)
         downtime = downtime * f.astype(xp.float32)
-        target_ms = params.downtime_target_ms / f  # float64: a factor of 1 gives the target exactly
-    start, value = best_window(downtime, dur_slots, tol_ms, xp)
+        p_target_ms = params.downtime_target_ms / f  # float64: a factor of 1 gives the target exactly
+    p_slot = p_ok(dirty50, dirty90, mem, bw, p_target_ms, params.max_rounds, xp)
+    p_start = window_min(xp.nan_to_num(p_slot, nan=0.0), dur_slots, xp)  # unknown counts as not ok
+    policy = policy or WindowPolicy()
+    start, value, rule = recommended_window(
+        downtime, dur_slots, p_start, params.downtime_target_ms, policy.tol_ms, policy.tol_rel, policy.min_p_ok, xp
+    )
+    min_start, min_value = best_window(downtime, dur_slots, tol_ms, xp)
 
-    # p_ok only on the slots the best window covers (worst of them), not on all T slots
-    pick = start[:, None]
-    span = xp.take_along_axis(dur_slots, pick, axis=1)  # (k, 1)
-    longest = int(span.max()) if k else 1
-    cover = xp.clip(pick + xp.arange(longest)[None, :], 0, horizon_slots - 1)  # (k, longest)
-    inside = xp.arange(longest)[None, :] < span
+    def window(at: Any) -> tuple[Any, Any, Any]:
+        """(start epoch s, end epoch s, p_ok) of the windows starting at slot index ``at`` (k,)."""
+        pick = at[:, None]
+        begin = (last_slot + 1 + at).astype(xp.float64) * slot_s
+        end = begin + xp.take_along_axis(pc.duration_s, pick, axis=1)[:, 0].astype(xp.float64)
+        return begin, end, xp.take_along_axis(p_start, pick, axis=1)[:, 0]
 
-    def at(a: Any) -> Any:
-        return xp.take_along_axis(a, cover, axis=1)
-
-    p = p_ok(at(dirty50), at(dirty90), mem, at(bw), target_ms, params.max_rounds, xp)
-    p_best = xp.where(inside, xp.nan_to_num(p, nan=0.0), 1).min(axis=1)
-    best_start = (last_slot + 1 + start).astype(xp.float64) * slot_s
-    best_end = best_start + xp.take_along_axis(pc.duration_s, pick, axis=1)[:, 0].astype(xp.float64)
+    best_begin, best_end, best_p = window(start)
+    min_begin, min_end, min_p = window(min_start)
     return {
-        "best_start": to_numpy(best_start),
+        "best_start": to_numpy(best_begin),
         "best_end": to_numpy(best_end),
         "best_downtime_ms": to_numpy(value.astype(xp.float32)),
+        "p_ok": to_numpy(best_p.astype(xp.float32)),
+        "window_rule": np.asarray(WINDOW_RULES)[to_numpy(rule)],
+        "min_start": to_numpy(min_begin),
+        "min_end": to_numpy(min_end),
+        "min_downtime_ms": to_numpy(min_value.astype(xp.float32)),
+        "min_p_ok": to_numpy(min_p.astype(xp.float32)),
         "now_downtime_ms": to_numpy(downtime[:, 0].astype(xp.float32)),
-        "p_ok": to_numpy(p_best.astype(xp.float32)),
+        "now_p_ok": to_numpy(p_start[:, 0].astype(xp.float32)),
+        "now_total_s": to_numpy(pc.duration_s[:, 0].astype(xp.float32)),
     }
 
 
@@ -156,7 +178,10 @@ class Scorer:
 
     ``correction``: optional object with ``factor(hosts) -> np.ndarray`` (one
     factor per VM, e.g. ``streams.migrations.DowntimeCorrection``), read once
-    per chunk so a concurrent update never splits a chunk.
+    per chunk so a concurrent update never splits a chunk. ``tol_ms``: ties of
+    the strict minimum (``min_*``); the recommended window (``best_*``) follows
+    the settings' ``window_tolerance_ms``, ``window_tolerance_rel`` and
+    ``window_min_p_ok``.
     """
 
     def __init__(
@@ -173,6 +198,7 @@ class Scorer:
         self.xp = xp
         self.device = "cpu" if xp is np else "gpu"
         self.params = PrecopyParams.from_settings(settings)
+        self.policy = WindowPolicy.from_settings(settings)
         self.chunk_vms = int(chunk_vms)
         self.tol_ms = float(tol_ms)
         self.correction = correction
@@ -230,7 +256,7 @@ class Scorer:
             pred = self._forecast(store, chunk, attrs, model)
             out = score_windows(
                 None, attrs, self.xp.asarray(others), model, self.params, s.horizon_slots, s.slot_s,
-                self.xp, self.device, self.tol_ms, self._factor(attrs["host"]), pred,
+                self.xp, self.device, self.tol_ms, self._factor(attrs["host"]), pred, self.policy,
             )  # fmt: skip
             for name, a in out.items():
                 cols.setdefault(name, []).append(a)
@@ -246,11 +272,7 @@ class Scorer:
         return ScoreBatch(
             vm=vms,
             host=hosts,
-            best_start=cat("best_start", np.float64),
-            best_end=cat("best_end", np.float64),
-            best_downtime_ms=cat("best_downtime_ms", np.float32),
-            now_downtime_ms=cat("now_downtime_ms", np.float32),
-            p_ok=cat("p_ok", np.float32),
+            **{name: cat(name, dtype) for name, dtype in _COLUMNS.items()},
             last_ts=np.concatenate(last_ts).astype(np.float64) if last_ts else np.zeros(0),
             model=str(model.version),
             updated=float(now),

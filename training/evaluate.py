@@ -241,7 +241,8 @@ def backtest(
         costs = window_costs(dt_a, dur_a)
         good = np.isfinite(costs).any(axis=1)
         out = score_windows(win, attrs, np.zeros(n, np.float32), model, params, Hs, slot_s, np, "cpu")
-        start_model = np.round(out["best_start"] / slot_s).astype(np.int64) - attrs["last_slot"] - 1
+        # the strict minimum, like the seasonal choice below: forecast quality, not the scheduler tolerance
+        start_model = np.round(out["min_start"] / slot_s).astype(np.int64) - attrs["last_slot"] - 1
         start_model = np.clip(start_model, 0, Hs - 1)
         hz = np.arange(1, Hs + 1)
         dirty_s = np.nan_to_num(seasonal_naive(win[:, :, c_dirty], hz, day), nan=0.0)

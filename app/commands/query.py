@@ -11,8 +11,12 @@ import typer
 
 from app.context import settings_of
 
-_FIELDS = ("host", "now_downtime_ms", "best_start", "best_end", "best_downtime_ms", "p_ok", "model", "last_ts", "updated")
-_TIMES = {"best_start", "best_end", "last_ts", "updated"}
+# `zhuge score`: now, the recommended window (best_*) and why, the strict minimum (min_*), provenance
+_FIELDS = (
+    "host", "now_downtime_ms", "now_p_ok", "now_total_s", "best_start", "best_end", "best_downtime_ms", "p_ok",
+    "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "model", "last_ts", "updated",
+)  # fmt: skip
+_TIMES = {"best_start", "best_end", "min_start", "min_end", "last_ts", "updated"}
 
 
 def _utc(ts: Any) -> str:
@@ -70,7 +74,7 @@ def register(cli: typer.Typer) -> None:
         vm: str = typer.Argument(..., help="VM id"),
         as_json: bool = typer.Option(False, "--json", help="print the score hash as JSON"),
     ) -> None:
-        """Show a VM's migration score: downtime now, best window, confidence."""
+        """Show a VM's migration score: downtime now, the recommended window and the minimum, confidence."""
         from rich.console import Console
         from rich.table import Table
 
@@ -90,9 +94,9 @@ def register(cli: typer.Typer) -> None:
             value = row.get(key)
             if key in _TIMES:
                 text = _utc(value)
-            elif key == "p_ok":
+            elif key.endswith("p_ok"):
                 text = _num(value, 3)
-            elif key.endswith("_ms"):
+            elif key.endswith(("_ms", "_s")):
                 text = _num(value, 1)
             else:
                 text = "-" if value in (None, "") else str(value)
@@ -124,11 +128,14 @@ def register(cli: typer.Typer) -> None:
         title = f"best VMs to migrate now{f' on {host}' if host else ''}"
         table = Table(title=title)
         for col, justify in (("vm", "left"), ("host", "left"), ("now_downtime_ms", "right"), ("best_start (UTC)", "left"),
-                             ("best_end (UTC)", "left"), ("best_downtime_ms", "right"), ("p_ok", "right"), ("model", "left")):
+                             ("best_end (UTC)", "left"), ("best_downtime_ms", "right"), ("p_ok", "right"), ("rule", "left"),
+                             ("min_start (UTC)", "left"), ("min_downtime_ms", "right"), ("model", "left")):
             table.add_column(col, justify=justify)  # type: ignore[arg-type]
         for r in rows:
             table.add_row(
                 r["vm"], str(r.get("host", "") or "-"), _num(r.get("now_downtime_ms"), 1), _utc(r.get("best_start")),
-                _utc(r.get("best_end")), _num(r.get("best_downtime_ms"), 1), _num(r.get("p_ok"), 3), str(r.get("model", "-")),
+                _utc(r.get("best_end")), _num(r.get("best_downtime_ms"), 1), _num(r.get("p_ok"), 3),
+                str(r.get("window_rule") or "-"), _utc(r.get("min_start")), _num(r.get("min_downtime_ms"), 1),
+                str(r.get("model", "-")),
             )
         Console().print(table)

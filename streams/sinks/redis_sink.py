@@ -2,10 +2,12 @@
 
 Layout (DESIGN.md contract, prefix default ``zhuge:``):
 
-- ``<prefix>vm:<vm>`` hash: best_start, best_end, best_downtime_ms,
-  now_downtime_ms, p_ok, model, last_ts, updated, host
+- ``<prefix>vm:<vm>`` hash: best_start, best_end, best_downtime_ms, p_ok
+  (the recommended window), window_rule, min_start, min_end, min_downtime_ms,
+  min_p_ok (the strict minimum), now_downtime_ms, now_p_ok, now_total_s,
+  model, last_ts, updated, host (``streams.scores`` says what each means)
 - ``<prefix>rank:now`` sorted set: vm -> predicted downtime if migrated now (ms)
-- ``<prefix>rank:window`` sorted set: vm -> best_start
+- ``<prefix>rank:window`` sorted set: vm -> best_start (the recommended window)
 - ``<prefix>host:<host>`` set of vm ids (a VM that moves is removed from the old set)
 
 Redis holds the VMs that are alive: every write refreshes a TTL
@@ -37,19 +39,27 @@ from streams.scores import ScoreBatch
 CHUNK_VMS = 1000  # VMs per EVALSHA: one ~150 KB JSON argument, a ~10 ms script (short Redis stalls)
 CHUNKS_PER_PIPELINE = 5  # pipeline of up to 5k VMs per round trip
 
-# ARGV: prefix, model, updated, then ONE JSON array of strings holding, per VM:
-# vm, host, last_ts, best_start, best_end, best_downtime_ms, now_downtime_ms,
-# p_ok. One packed argument instead of 8 per VM cut a 10k-VM write from ~0.6 s
-# to ~0.15 s (client-side argument encoding dominated); numbers travel as
-# strings so Lua never rounds them (its tostring keeps only 14 digits).
-PER_VM = 8
+# ARGV: prefix, model, updated, then ONE JSON array of strings holding, per VM,
+# the _PACKED fields in that order (the script's step and a[i + j] offsets follow it).
+# One packed argument instead of 8 per VM cut a 10k-VM write from ~0.6 s to
+# ~0.15 s (client-side argument encoding dominated); numbers travel as strings
+# so Lua never rounds them (its tostring keeps only 14 digits).
+_PACKED = (
+    "vm", "host", "last_ts", "best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "p_ok",
+    "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "now_p_ok", "now_total_s",
+)  # fmt: skip
+PER_VM = len(_PACKED)
+_ROUNDED_3 = (  # times (s), downtimes (ms), durations (s): 3 decimals, NaN as inf
+    "best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "min_start", "min_end", "min_downtime_ms", "now_total_s",
+)  # fmt: skip
+_PROBABILITIES = ("p_ok", "min_p_ok", "now_p_ok")  # 4 decimals, NaN kept
 _WRITE_LUA = """
 local prefix, model, updated = ARGV[1], ARGV[2], ARGV[3]
 local a = cjson.decode(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local rank_now, rank_window = prefix .. 'rank:now', prefix .. 'rank:window'
 local written, skipped = 0, 0
-for i = 1, #a, 8 do
+for i = 1, #a, 15 do
   local vm, host, last_ts = a[i], a[i + 1], a[i + 2]
   local key = prefix .. 'vm:' .. vm
   local old = redis.call('HMGET', key, 'last_ts', 'host')
@@ -60,8 +70,11 @@ for i = 1, #a, 8 do
     redis.call('HSET', key,
       'best_start', a[i + 3], 'best_end', a[i + 4],
       'best_downtime_ms', a[i + 5], 'now_downtime_ms', a[i + 6],
-      'p_ok', a[i + 7], 'model', model, 'last_ts', last_ts,
-      'updated', updated, 'host', host)
+      'p_ok', a[i + 7], 'window_rule', a[i + 8],
+      'min_start', a[i + 9], 'min_end', a[i + 10],
+      'min_downtime_ms', a[i + 11], 'min_p_ok', a[i + 12],
+      'now_p_ok', a[i + 13], 'now_total_s', a[i + 14],
+      'model', model, 'last_ts', last_ts, 'updated', updated, 'host', host)
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', rank_now, a[i + 6], vm)
     redis.call('ZADD', rank_window, a[i + 3], vm)
@@ -117,7 +130,10 @@ end
 return removed
 """
 
-_NUMERIC = ("best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "p_ok", "last_ts", "updated")
+_NUMERIC = (
+    "best_start", "best_end", "best_downtime_ms", "p_ok", "min_start", "min_end", "min_downtime_ms", "min_p_ok",
+    "now_downtime_ms", "now_p_ok", "now_total_s", "last_ts", "updated",
+)  # fmt: skip
 
 
 class WriteResult(NamedTuple):
@@ -154,15 +170,9 @@ class RedisSink:
         self._prune = client.register_script(_PRUNE_LUA)
 
     def _argv(self, batch: ScoreBatch, lo: int, hi: int, cols: dict[str, list[Any]]) -> list[Any]:
-        per_vm = [
-            batch.vm[lo:hi],
-            batch.host[lo:hi],
-            *(cols[name][lo:hi] for name in (
-                "last_ts", "best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "p_ok")),
-        ]
         flat: list[Any] = [None] * (PER_VM * (hi - lo))
-        for j, column in enumerate(per_vm):
-            flat[j::PER_VM] = column  # interleave columns without a per-VM Python loop
+        for j, name in enumerate(_PACKED):
+            flat[j::PER_VM] = cols[name][lo:hi]  # interleave columns without a per-VM Python loop
         return [self.prefix, batch.model, repr(float(batch.updated)), _ENCODE(flat), str(self.ttl_s)]
 
     async def write(self, batch: ScoreBatch) -> int:
@@ -176,14 +186,16 @@ class RedisSink:
             return WriteResult(0, 0)
         if len(batch.host) != n:
             raise ValueError(f"ScoreBatch has {n} VMs but {len(batch.host)} hosts")
-        cols = {
+        cols: dict[str, list[str]] = {
+            "vm": batch.vm,
+            "host": batch.host,
             "last_ts": _strings(np.asarray(batch.last_ts, dtype=np.float64)),
-            "best_start": _strings(_nan_to_inf(batch.best_start, 3)),
-            "best_end": _strings(_nan_to_inf(batch.best_end, 3)),
-            "best_downtime_ms": _strings(_nan_to_inf(batch.best_downtime_ms, 3)),
-            "now_downtime_ms": _strings(_nan_to_inf(batch.now_downtime_ms, 3)),
-            "p_ok": _strings(np.round(np.asarray(batch.p_ok, dtype=np.float64), 4)),
+            "window_rule": np.asarray(batch.window_rule, dtype=str).tolist(),
         }
+        for name in _PROBABILITIES:
+            cols[name] = _strings(np.round(np.asarray(getattr(batch, name), dtype=np.float64), 4))
+        for name in _ROUNDED_3:
+            cols[name] = _strings(_nan_to_inf(getattr(batch, name), 3))
         if np.isnan(np.asarray(batch.last_ts, dtype=np.float64)).any():
             raise ValueError("ScoreBatch.last_ts has NaN: every score needs the timestamp of its newest sample")
         written = skipped = 0

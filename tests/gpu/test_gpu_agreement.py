@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gpu_kernels.downtime import dirty_rate_proxy, p_ok, precopy
-from gpu_kernels.window import best_window
+from gpu_kernels.window import best_window, recommended_window, window_min
 from gpu_kernels.xp import gpu_available, to_numpy
 
 pytestmark = pytest.mark.gpu
@@ -70,6 +70,26 @@ def test_best_window_agrees(xp):
     s, v = best_window(xp.asarray(x), xp.asarray(dur), 1.0)
     np.testing.assert_array_equal(to_numpy(s), s_ref)
     np.testing.assert_allclose(to_numpy(v), v_ref)
+
+
+def test_recommended_window_agrees(xp):
+    rng = np.random.default_rng(5)
+    x = rng.uniform(10, 400, (300, 288)).astype(np.float32).round()
+    x[rng.random(x.shape) < 0.02] = np.nan
+    dur = rng.integers(1, 4, x.shape)
+    p = rng.uniform(0.7, 1.0, x.shape).astype(np.float32)
+    p[rng.random(x.shape) < 0.02] = np.nan
+    x[:30, :3], p[:30, :3] = 5.0, 0.99  # some VMs best off now
+    target = rng.choice([150.0, 300.0], 300)  # per VM
+    p_ref = window_min(p, dur)
+    ref = recommended_window(x, dur, p_ref, target, 10.0, 0.1, 0.9)
+    p_dev = window_min(xp.asarray(p), xp.asarray(dur))
+    got = recommended_window(xp.asarray(x), xp.asarray(dur), p_dev, xp.asarray(target), 10.0, 0.1, 0.9)
+    np.testing.assert_array_equal(to_numpy(p_dev), p_ref)
+    np.testing.assert_array_equal(to_numpy(got[0]), ref[0])
+    np.testing.assert_allclose(to_numpy(got[1]), ref[1])
+    np.testing.assert_array_equal(to_numpy(got[2]), ref[2])
+    assert len(set(ref[2].tolist())) == 3  # every rule occurs
 
 
 def test_window_store_agrees(xp):
@@ -139,3 +159,6 @@ def test_scorer_agrees_with_a_real_xgboost_model(xp):
     assert (a.best_start != b.best_start).mean() < 0.01
     same = a.best_start == b.best_start
     np.testing.assert_allclose(b.best_downtime_ms[same], a.best_downtime_ms[same], rtol=1e-3)
+    assert (a.min_start != b.min_start).mean() < 0.01
+    assert (a.window_rule != b.window_rule).mean() < 0.01
+    np.testing.assert_allclose(b.now_total_s, a.now_total_s, rtol=1e-3)

@@ -96,3 +96,31 @@ async def test_deleting_the_shared_state_resets_every_worker(aredis):
     await client.delete(prefix + CORRECTION_KEY)
     assert not await c.load(client, prefix)
     assert c.global_factor() == 1.0 and c.observations == 0
+
+
+async def test_a_message_that_carries_its_prediction_is_learned_against_it(aredis):
+    """The executor reports the prediction in force at ``start`` (100 ms); the score in Redis says 400 ms now.
+
+    Observed 200 ms: the correction must be 2 (following the message), not 0.5
+    (following Redis). Old-format messages in the same batch still use Redis, and
+    a migration that did not converge is not learned from.
+    """
+    client, prefix = aredis
+    await seed(client, prefix, [f"p{i}" for i in range(10)], "h4", now_ms=400.0)  # fresh: today's path would use it
+    await seed(client, prefix, [f"o{i}" for i in range(10)], "h9", now_ms=100.0)
+    own = [migration(f"p{i}", 200.0, predicted_downtime_ms=100.0, predicted_at=NOW - 40, model="v1",
+                     host_from="h4", total_ms=20_000, converged=True) for i in range(10)]
+    old = [migration(f"o{i}", 50.0) for i in range(10)]
+    aborted = migration("p0", 60_000.0, converged=False, policy="force", host_from="h4")
+    c = DowntimeCorrection(min_obs=10)
+    rej = await handle_migrations([*own, *old, aborted], None, correction=c, redis_client=client, prefix=prefix,
+                                  now=NOW + 60, scores_corrected=False)
+    assert rej == []
+    assert c.counts["used"] == 20 and c.counts["message_prediction"] == 10
+    assert c.counts["stale"] == 0 and c.counts["no_score"] == 0 and c.counts["not_converged"] == 1
+
+    fresh = DowntimeCorrection(min_obs=10)
+    assert await fresh.load(client, prefix)
+    assert fresh.observations == 20
+    h4, h9 = fresh.factor(["h4", "h9"])
+    assert h4 == pytest.approx(2.0) and h9 == pytest.approx(0.5)

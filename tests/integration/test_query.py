@@ -22,10 +22,14 @@ T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 def write_scores(settings: Settings, vms, hosts, now_ms) -> None:
     n = len(vms)
+    start = T0 + np.arange(n) * 300.0
     batch = ScoreBatch(
-        vm=vms, host=hosts, best_start=T0 + np.arange(n) * 300.0, best_end=T0 + np.arange(n) * 300.0 + 900.0,
-        best_downtime_ms=np.full(n, 42.0, np.float32), now_downtime_ms=np.asarray(now_ms, np.float32),
-        p_ok=np.full(n, 0.9, np.float32), last_ts=np.full(n, T0 - 60.0), model="m-test", updated=T0,
+        vm=vms, host=hosts, best_start=start, best_end=start + 900.0,
+        best_downtime_ms=np.full(n, 42.0, np.float32), p_ok=np.full(n, 0.9, np.float32),
+        window_rule=np.full(n, "now"), min_start=start + 7200.0, min_end=start + 8100.0,
+        min_downtime_ms=np.full(n, 40.5, np.float32), min_p_ok=np.full(n, 0.95, np.float32),
+        now_downtime_ms=np.asarray(now_ms, np.float32), now_p_ok=np.full(n, 0.9, np.float32),
+        now_total_s=np.full(n, 880.0, np.float32), last_ts=np.full(n, T0 - 60.0), model="m-test", updated=T0,
     )
 
     async def go() -> None:
@@ -58,6 +62,8 @@ def test_score_json_shows_the_hash(redis_env):
     row = json.loads(result.stdout)
     assert row["vm"] == "db-1" and row["host"] == "h1" and row["model"] == "m-test"
     assert row["now_downtime_ms"] == 25.0 and row["best_start"] == T0 + 300.0 and row["best_end"] == T0 + 1200.0
+    assert row["window_rule"] == "now" and row["min_start"] == T0 + 7500.0 and row["min_downtime_ms"] == 40.5
+    assert row["min_p_ok"] == 0.95 and row["now_p_ok"] == 0.9 and row["now_total_s"] == 880.0
 
 
 def test_score_table_is_readable(redis_env):
@@ -66,6 +72,9 @@ def test_score_table_is_readable(redis_env):
     assert result.exit_code == 0, result.output
     assert "2026-01-01 00:00:00Z" in result.stdout  # best_start as UTC
     assert "300.0" in result.stdout and "m-test" in result.stdout
+    assert "window_rule" in result.stdout and "now" in result.stdout
+    assert "2026-01-01 02:00:00Z" in result.stdout and "40.5" in result.stdout  # the strict minimum
+    assert "880.0" in result.stdout  # now_total_s
 
 
 def test_unknown_vm_exits_1_with_a_clear_message(redis_env):
@@ -93,6 +102,8 @@ def test_top_table_lists_vms_with_utc_windows(redis_env):
     assert result.exit_code == 0, result.output
     assert "cache-1" in result.stdout and "db-1" in result.stdout and "web-1" not in result.stdout
     assert "2026-01-01 00:10:00Z" in result.stdout  # cache-1's best_start (third VM: T0 + 600 s)
+    assert "2026-01-01 02:10:00Z" in result.stdout and "40.5" in result.stdout  # cache-1's strict minimum
+    assert "rule" in result.stdout and "now" in result.stdout
 
 
 def test_unreachable_redis_is_a_clear_error(services: Settings):

@@ -15,19 +15,26 @@ from streams.sinks.redis_sink import RedisSink, WriteResult, read_vm, top
 
 pytestmark = pytest.mark.integration
 
-CONTRACT_FIELDS = {"best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "p_ok", "model", "last_ts", "updated", "host"}
+CONTRACT_FIELDS = {
+    "best_start", "best_end", "best_downtime_ms", "p_ok", "window_rule", "min_start", "min_end", "min_downtime_ms",
+    "min_p_ok", "now_downtime_ms", "now_p_ok", "now_total_s", "model", "last_ts", "updated", "host",
+}  # fmt: skip
 
 
 def scores(vms: list[str], hosts: list[str], *, now_ms, last_ts, model: str = "m1", start: float = 1.8e9) -> ScoreBatch:
     n = len(vms)
     now_ms = np.broadcast_to(np.asarray(now_ms, np.float32), (n,)).copy()
     best_start = start + np.arange(n) * 300.0
+    min_start = best_start + 3600.0 * (1 + np.arange(n))
     return ScoreBatch(
         vm=vms, host=hosts, best_start=best_start, best_end=best_start + 600.0,
-        best_downtime_ms=np.full(n, 40.0, np.float32), now_downtime_ms=now_ms,
-        p_ok=np.linspace(0.5, 1.0, n, dtype=np.float32),
+        best_downtime_ms=np.full(n, 40.0, np.float32), p_ok=np.linspace(0.5, 1.0, n, dtype=np.float32),
+        window_rule=np.asarray(["now", "fits", "minimum"])[np.arange(n) % 3],
+        min_start=min_start, min_end=min_start + 612.345, min_downtime_ms=np.full(n, 38.25, np.float32),
+        min_p_ok=np.linspace(0.4, 0.9, n, dtype=np.float32), now_downtime_ms=now_ms,
+        now_p_ok=np.linspace(0.3, 0.8, n, dtype=np.float32), now_total_s=np.linspace(7.5, 300.25, n, dtype=np.float32),
         last_ts=np.broadcast_to(np.asarray(last_ts, np.float64), (n,)).copy(), model=model, updated=1.7e9 + 7.0,
-    )
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -56,6 +63,12 @@ async def test_contract_keys_and_fields(env):
     assert row["best_start"] == batch.best_start[1] and row["best_end"] == batch.best_end[1]
     assert row["last_ts"] == 1.7e9 and row["updated"] == batch.updated
     assert row["p_ok"] == pytest.approx(0.75, abs=1e-4)
+    assert row["window_rule"] == "fits"  # a string, not decoded as a number
+    assert row["min_start"] == batch.min_start[1] and row["min_end"] == batch.min_end[1]
+    assert row["min_downtime_ms"] == 38.25 and row["min_p_ok"] == pytest.approx(0.65, abs=1e-4)
+    assert row["now_p_ok"] == pytest.approx(0.55, abs=1e-4)
+    assert row["now_total_s"] == pytest.approx(float(batch.now_total_s[1]), abs=1e-3)
+    assert all(isinstance(row[f], float) for f in CONTRACT_FIELDS - {"window_rule", "model", "host"})
     assert await client.zrange(f"{p}rank:now", 0, -1, withscores=True) == [(b"b", 35.5), (b"a", 120.0), (b"c", 900.0)]
     assert await client.zscore(f"{p}rank:window", "c") == batch.best_start[2]
     assert await client.smembers(f"{p}host:h1") == {b"a", b"b"}

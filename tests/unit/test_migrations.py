@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
 from gpu_kernels.downtime import PrecopyParams
-from streams.migrations import DowntimeCorrection, decode_migrations
+from streams.migrations import CORRECTION_KEY, DowntimeCorrection, decode_migrations, handle_migrations
 from streams.schema import Limits, Rejected
 from streams.scorer import Scorer, score_windows
 from streams.window_store import WindowStore
@@ -37,10 +40,36 @@ def test_decodes_every_field_of_a_good_message():
     assert (b.transferred_bytes[0], b.rounds[0], b.link_mbps[0]) == (8.5e9, 4.0, 1250.0)
 
 
+EXECUTOR = dict(total_ms=21_500.0, converged=True, predicted_downtime_ms=70.5, predicted_total_ms=19_000,
+                predicted_at=NOW - 75, model="pc-2024.06.1", downtime_limit_ms=300, policy="ramp")
+NEW_NUM = ("total_ms", "converged", "predicted_downtime_ms", "predicted_total_ms", "predicted_at", "downtime_limit_ms")
+
+
+def test_decodes_the_executor_fields():
+    b = decode_migrations([enc(msg(**EXECUTOR))], now=NOW)
+    assert b.rejected == [] and len(b) == 1
+    assert b.model == ["pc-2024.06.1"] and b.policy == ["ramp"]
+    assert [getattr(b, f)[0] for f in NEW_NUM] == [21_500.0, 1.0, 70.5, 19_000.0, NOW - 75, 300.0]
+    assert all(getattr(b, f).dtype == np.float64 for f in NEW_NUM)
+    aborted = decode_migrations([enc(msg(converged=False, policy="abort"))], now=NOW)
+    assert aborted.converged.tolist() == [0.0] and aborted.policy == ["abort"]
+
+
 def test_optional_fields_may_be_missing_or_null():
-    b = decode_migrations([enc(msg(bytes=None))], now=NOW)
-    assert len(b) == 1 and b.host_from == [""]
+    b = decode_migrations([enc(msg(bytes=None, converged=None, model=None, predicted_at=None))], now=NOW)
+    assert len(b) == 1 and b.host_from == [""] and b.model == [""] and b.policy == [""]
     assert np.isnan(b.transferred_bytes[0]) and np.isnan(b.rounds[0]) and np.isnan(b.link_mbps[0])
+    assert all(np.isnan(getattr(b, f)[0]) for f in NEW_NUM)
+
+
+def test_old_format_messages_decode_as_before():
+    """A message without the executor fields: same columns as before, the new ones NaN / ""."""
+    old = msg(bytes=8.5e9, rounds=4, host_from="h1", host_to="h2", link_mbps=1250)
+    b, both = decode_migrations([enc(old)], now=NOW), decode_migrations([enc(old), enc(msg(**EXECUTOR))], now=NOW)
+    assert b.rejected == both.rejected == []
+    for f in ("start", "end", "downtime_ms", "transferred_bytes", "rounds", "link_mbps"):
+        assert getattr(b, f).tolist() == getattr(both, f)[:1].tolist(), f
+    assert all(np.isnan(getattr(both, f)[0]) for f in NEW_NUM) and both.model[0] == both.policy[0] == ""
 
 
 @pytest.mark.parametrize(
@@ -65,6 +94,27 @@ def test_optional_fields_may_be_missing_or_null():
         (msg(rounds=1_000_001), "rounds: must be <= 1000000"),
         (msg(rounds=10**400), "rounds: must be <= 9007199254740992"),
         (msg(downtime_ms=1e38), "downtime_ms: must be <= 86400000"),
+        # the executor's fields
+        (msg(total_ms=-1), "total_ms: must be >= 0"),
+        (msg(total_ms="21s"), "total_ms: expected number | null, got str"),
+        (msg(total_ms=86_400_001), "total_ms: must be <= 86400000"),
+        (msg(converged=1), "converged: expected bool | null, got int"),
+        (msg(converged="false"), "converged: expected bool | null, got str"),
+        (msg(predicted_downtime_ms=-0.5), "predicted_downtime_ms: must be >= 0"),
+        (msg(predicted_downtime_ms=1e38), "predicted_downtime_ms: must be <= 86400000"),
+        (msg(predicted_total_ms=-1), "predicted_total_ms: must be >= 0"),
+        (msg(predicted_total_ms=1e12), "predicted_total_ms: must be <= 86400000"),
+        (msg(predicted_at=1.0), "predicted_at: 1 is before 946684800"),
+        (msg(predicted_at=NOW + 601), "predicted_at: 1700000701 is more than 600 s in the future"),
+        (msg(predicted_at="yesterday"), "predicted_at: expected number | null, got str"),
+        (msg(model="m" * 257), "model: length must be <= 256"),
+        (msg(model=7), "model: expected str | null, got int"),
+        (msg(model="v1\u0000"), "model: must not contain control characters"),
+        (msg(downtime_limit_ms=0), "downtime_limit_ms: must be > 0"),
+        (msg(downtime_limit_ms=-300), "downtime_limit_ms: must be > 0"),
+        (msg(downtime_limit_ms=1e9), "downtime_limit_ms: must be <= 86400000"),
+        (msg(policy="p" * 65), "policy: length must be <= 64"),
+        (msg(policy="abort\n"), "policy: must not contain control characters"),
     ],
 )
 def test_invalid_messages_are_rejected_with_a_reason(obj, reason):
@@ -76,12 +126,17 @@ def test_invalid_messages_are_rejected_with_a_reason(obj, reason):
 
 
 def test_limits_bound_migrations_inclusively_and_are_parameters():
-    at_bounds = msg(end=NOW + 600, downtime_ms=86_400_000, bytes=2.0**60, link_mbps=1e6, rounds=1_000_000)
+    at_bounds = msg(end=NOW + 600, downtime_ms=86_400_000, bytes=2.0**60, link_mbps=1e6, rounds=1_000_000,
+                    total_ms=86_400_000, predicted_downtime_ms=86_400_000, predicted_total_ms=86_400_000,
+                    downtime_limit_ms=86_400_000, predicted_at=NOW + 600, model="m" * 256, policy="p" * 64)
     assert len(decode_migrations([enc(at_bounds)], now=NOW)) == 1
+    zeros = msg(total_ms=0, predicted_downtime_ms=0, predicted_total_ms=0, predicted_at=946684800, model="", policy="")
+    assert len(decode_migrations([enc(zeros)], now=NOW)) == 1
     later = enc(msg(end=NOW + 3600))
     assert len(decode_migrations([later], now=NOW)) == 0
     assert len(decode_migrations([later], now=NOW, limits=Limits(max_future_s=86400))) == 1
-    long = enc(msg(downtime_ms=2 * 86_400_000, rounds=5_000_000))
+    long = enc(msg(downtime_ms=2 * 86_400_000, rounds=5_000_000, total_ms=2e8, predicted_downtime_ms=2e8))
+    assert len(decode_migrations([long], now=NOW)) == 0
     assert len(decode_migrations([long], now=NOW, limits=Limits(max_downtime_ms=1e9, max_rounds=10**7))) == 1
 
 
@@ -100,6 +155,10 @@ def test_a_batch_keeps_the_good_objects_and_rejects_the_message_naming_the_bad_o
     r = b.rejected[0]
     assert r.raw == array and r.key == b"agent"
     assert r.reason.startswith("[1].downtime_ms: expected number, got str; [2].end:")
+    executor = enc([msg(vm="e", **EXECUTOR), msg(vm="f"), msg(vm="g", total_ms=-1), msg(vm="h", converged=0)])
+    b = decode_migrations([executor], now=NOW)
+    assert b.vm == ["e", "f"] and b.converged.tolist()[:1] == [1.0] and np.isnan(b.converged[1])
+    assert b.rejected[0].reason == "[2].total_ms: must be >= 0; [3].converged: expected bool | null, got int"
 
 
 # ---------------------------------------------------------------------------- correction
@@ -226,6 +285,145 @@ def test_invalid_state_is_refused_and_the_old_one_kept(text):
     with pytest.raises(ValueError, match="correction state"):
         c.load_json(text)
     assert c.global_factor() == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------- handle_migrations
+class FakeRedis:
+    """What ``handle_migrations`` uses: pipelined HMGET, and GET then SET under WATCH/MULTI."""
+
+    def __init__(self, scores: dict[str, dict[str, Any]] | None = None, prefix: str = "zt:") -> None:
+        scores = scores or {}
+        self.hashes = {f"{prefix}vm:{vm}": {k: str(v).encode() for k, v in h.items()} for vm, h in scores.items()}
+        self.strings: dict[str, bytes] = {}
+        self.hmget_keys: list[str] = []
+
+    def pipeline(self, transaction: bool = True) -> FakePipeline:
+        return FakePipeline(self)
+
+
+class FakePipeline:
+    def __init__(self, redis: FakeRedis) -> None:
+        self.redis = redis
+        self.queued: list[Callable[[], Any]] = []  # run by execute(), as Redis runs a pipeline
+
+    async def __aenter__(self) -> FakePipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def hmget(self, key: str, *fields: str) -> None:
+        self.redis.hmget_keys.append(key)
+        self.queued.append(lambda: [self.redis.hashes.get(key, {}).get(f) for f in fields])
+
+    async def watch(self, key: str) -> None:
+        return None
+
+    async def get(self, key: str) -> bytes | None:  # immediate while watching
+        return self.redis.strings.get(key)
+
+    def multi(self) -> None:
+        return None
+
+    def set(self, key: str, value: str) -> None:
+        self.queued.append(lambda: self.redis.strings.__setitem__(key, value.encode()))
+
+    async def execute(self) -> list[Any]:
+        queued, self.queued = self.queued, []
+        return [f() for f in queued]
+
+
+P = "zt:"
+
+
+def shared(redis: FakeRedis, **config: Any) -> DowntimeCorrection:
+    return DowntimeCorrection.from_json(redis.strings[P + CORRECTION_KEY], **config)
+
+
+async def handle(redis: FakeRedis, correction: DowntimeCorrection, messages: list[dict], **kw: Any):
+    kw = {"now": NOW, "scores_corrected": False, **kw}
+    return await handle_migrations([enc(m) for m in messages], None, correction=correction, redis_client=redis,
+                                   prefix=P, **kw)
+
+
+SCORE = {"now_downtime_ms": 100.0, "host": "h1", "last_ts": NOW - 90}  # fresh for msg(): start NOW - 60, end NOW - 30
+
+
+async def test_old_format_messages_keep_comparing_with_the_redis_score():
+    redis = FakeRedis({"a": SCORE, "new": {**SCORE, "last_ts": NOW - 10}, "old": {**SCORE, "last_ts": NOW - 7200}})
+    c = DowntimeCorrection(min_obs=1)
+    got = await handle(redis, c, [msg(vm="a", downtime_ms=300.0), msg(vm="new"), msg(vm="old"), msg(vm="none")])
+    assert got == []
+    assert c.counts == {"used": 1, "no_score": 1, "stale": 2, "not_converged": 0, "rejected": 0,
+                        "message_prediction": 0}
+    assert shared(redis, min_obs=1).factor(["h1"])[0] == pytest.approx(3.0)  # the score's host
+
+
+async def test_a_prediction_in_the_message_needs_no_redis_row():
+    redis = FakeRedis()
+    c = DowntimeCorrection(min_obs=10)
+    got = await handle(redis, c, [msg(vm=f"v{i}", downtime_ms=250.0, predicted_downtime_ms=100.0, host_from="h7")
+                                  for i in range(12)])
+    assert got == [] and redis.hmget_keys == []  # not even a round trip
+    assert c.counts["used"] == c.counts["message_prediction"] == 12 and c.counts["no_score"] == 0
+    learned = shared(redis, min_obs=10)
+    assert learned.observations == 12 and learned.factor(["h7"])[0] == pytest.approx(2.5)
+
+
+async def test_the_message_prediction_wins_over_the_current_score():
+    """Redis says 1000 ms (recomputed since, and newer than ``end``); the message says what was in force: 100."""
+    redis = FakeRedis({"a": {"now_downtime_ms": 1000.0, "host": "h-dest", "last_ts": NOW}, "b": SCORE})
+    c = DowntimeCorrection(min_obs=1)
+    await handle(redis, c, [msg(vm="a", downtime_ms=200.0, predicted_downtime_ms=100.0),
+                            msg(vm="b", downtime_ms=200.0)])
+    assert redis.hmget_keys == [P + "vm:b"]  # only the row without its own prediction is read
+    assert c.counts["used"] == 2 and c.counts["message_prediction"] == 1 and c.counts["stale"] == 0
+    learned = shared(redis, min_obs=1)
+    assert learned.global_factor() == pytest.approx(2.0)  # both 2x: a/100, b/100 (not a/1000)
+    assert set(json.loads(redis.strings[P + CORRECTION_KEY])["hosts"]) == {"h1"}  # a: no host_from, not h-dest
+
+
+async def test_a_message_prediction_of_zero_is_not_usable():
+    c = DowntimeCorrection(min_obs=1)
+    redis = FakeRedis({"a": SCORE})
+    await handle(redis, c, [msg(vm="a", predicted_downtime_ms=0.0)])
+    assert redis.hmget_keys == [] and c.counts["no_score"] == 1 and c.counts["used"] == 0
+    assert P + CORRECTION_KEY not in redis.strings
+
+
+async def test_a_corrected_message_prediction_has_the_current_factor_divided_out():
+    redis = FakeRedis()
+    c = DowntimeCorrection(min_obs=1)
+    await handle(redis, c, [msg(downtime_ms=200.0, predicted_downtime_ms=100.0, host_from="h1")])
+    assert c.factor(["h1"])[0] == pytest.approx(2.0)
+    # a scorer applying f = 2 predicted 200 for a model output of 100; observed 200: the factor stays 2
+    await handle(redis, c, [msg(downtime_ms=200.0, predicted_downtime_ms=200.0, host_from="h1")],
+                 scores_corrected=True)
+    assert c.factor(["h1"])[0] == pytest.approx(2.0) and c.observations == 2
+
+
+async def test_not_converged_migrations_are_counted_and_logged_but_not_learned(caplog):
+    redis = FakeRedis({"a": SCORE, "b": SCORE, "c": SCORE})
+    c = DowntimeCorrection(min_obs=1)
+    batch = [msg(vm="a", downtime_ms=300.0, converged=True),
+             msg(vm="b", downtime_ms=90_000.0, converged=False, policy="force"),  # forced switch-over: a long pause
+             msg(vm="c", downtime_ms=0.0, converged=False, predicted_downtime_ms=100.0),  # aborted
+             msg(vm="d", downtime_ms=5.0, converged=False)]  # no score either: counted once, as not converged
+    with caplog.at_level(logging.INFO, logger="streams.migrations"):
+        assert await handle(redis, c, batch) == []
+    assert redis.hmget_keys == [P + "vm:a"]
+    assert c.counts["used"] == 1 and c.counts["not_converged"] == 3 and c.counts["no_score"] == 0
+    learned = shared(redis, min_obs=1)
+    assert learned.observations == 1 and learned.global_factor() == pytest.approx(3.0)
+    assert "3 did not converge, not learned from: b (policy force), c (policy ?), d (policy ?)" in caplog.text
+    assert "1 used (0 with their own prediction), 0 without score, 0 stale, 3 not converged" in caplog.text
+
+
+async def test_a_batch_of_only_not_converged_migrations_touches_no_state():
+    redis = FakeRedis({"a": SCORE})
+    c = DowntimeCorrection(min_obs=1)
+    await handle(redis, c, [msg(vm="a", converged=False, policy="abort")])
+    assert redis.hmget_keys == [] and redis.strings == {} and c.counts["not_converged"] == 1
 
 
 # ---------------------------------------------------------------------------- scorer

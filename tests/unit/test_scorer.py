@@ -1,4 +1,4 @@
-"""Scorer: store rows -> real features -> (fake) model -> downtime per slot -> best window."""
+"""Scorer: store rows -> real features -> (fake) model -> downtime per slot -> recommended and minimum windows."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
+from gpu_kernels.downtime import precopy
 from gpu_kernels.features import FEATURE_NAMES, TARGETS
 from streams.schema import METRICS
 from streams.scorer import Scorer, interp_weights
@@ -86,8 +87,61 @@ def test_best_window_is_the_valley_and_now_is_the_first_slot():
     assert batch.now_downtime_ms[0] == pytest.approx(ref_downtime_ms(8192.0, 1080.0, 1250.0), rel=1e-4)
     assert batch.best_downtime_ms[0] < batch.now_downtime_ms[0]
     assert batch.p_ok[0] > 0.99
+    # now is far worse than the valley: the recommendation is the strict minimum
+    assert batch.window_rule.tolist() == ["fits"]
+    assert (batch.min_start[0], batch.min_end[0], batch.min_downtime_ms[0], batch.min_p_ok[0]) == (
+        batch.best_start[0], batch.best_end[0], batch.best_downtime_ms[0], batch.p_ok[0])
     assert batch.model == "fake-1" and batch.vm == ["a"] and batch.host == ["h1"]
     assert batch.last_ts[0] == T0 + 10.0 and batch.updated == T0 + 20
+
+
+def score_one(model, correction=None, **settings_kw):
+    s = settings(**settings_kw)
+    store = WindowStore(s.window_slots, s.slot_s, s.vm_ttl_s)
+    return Scorer(s, lambda: model, correction=correction).score(store, fill(store, ["a"], ["h1"]), now=T0 + 20)
+
+
+def slot_of(epoch_s):
+    """Slot index of a window start (0 = the next slot, "now")."""
+    return int(epoch_s // SLOT - T0 // SLOT - 1)
+
+
+def test_now_is_recommended_when_the_minimum_saves_only_a_few_ms():
+    # q90 dirty 86.4 MB/s now (~51 ms), 84 MB/s in the valley 11 slots on (~49.6 ms)
+    model = ValleyModel(valley_slot=12, high=72.0, low=70.0, horizons=np.arange(1, 25))
+    batch = score_one(model)
+    assert batch.window_rule.tolist() == ["now"]
+    assert slot_of(batch.best_start[0]) == 0 and slot_of(batch.min_start[0]) == 11
+    assert batch.min_downtime_ms[0] < batch.best_downtime_ms[0] == batch.now_downtime_ms[0]
+    assert batch.best_downtime_ms[0] - batch.min_downtime_ms[0] < 10.0
+    assert batch.p_ok[0] == batch.now_p_ok[0] >= 0.9
+    ref = precopy(np.float32(8192.0), np.float32(72.0 * 1.2), np.float32(1250.0))
+    assert batch.now_total_s[0] == pytest.approx(float(ref.duration_s), rel=1e-5)
+    assert batch.best_end[0] - batch.best_start[0] == pytest.approx(batch.now_total_s[0], rel=1e-6)
+    # no tolerance: the recommendation is the strict minimum again (the settings reach the kernel)
+    strict = score_one(model, window_tolerance_ms=0.0, window_tolerance_rel=0.0)
+    assert strict.window_rule.tolist() == ["fits"] and strict.best_start[0] == strict.min_start[0] == batch.min_start[0]
+
+
+def test_a_correction_that_pushes_now_over_the_target_moves_the_recommendation():
+    class Factor:
+        def factor(self, hosts):
+            return np.full(len(hosts), 1.1)
+
+    model = ValleyModel(valley_slot=8, high=210.0, low=40.0, horizons=np.arange(1, 25))  # ~286 ms now, ~272 ms at 7
+    plain, corrected = score_one(model), score_one(model, Factor())
+    assert plain.window_rule.tolist() == ["now"] and plain.now_downtime_ms[0] < 300.0
+    assert corrected.now_downtime_ms[0] > 300.0 >= corrected.best_downtime_ms[0]  # judged on the corrected pause
+    assert corrected.window_rule.tolist() == ["fits"] and slot_of(corrected.best_start[0]) == 7
+    assert corrected.now_total_s[0] == plain.now_total_s[0]  # durations are not corrected
+
+
+def test_a_migration_that_never_fits_falls_back_to_the_minimum():
+    batch = score_one(ValleyModel(valley_slot=99, high=2000.0))  # dirty rate above the link: never converges
+    assert batch.window_rule.tolist() == ["minimum"]
+    assert batch.best_start[0] == batch.min_start[0] and slot_of(batch.best_start[0]) == 0
+    assert batch.p_ok[0] == batch.now_p_ok[0] == batch.min_p_ok[0] < 1e-3
+    assert batch.best_downtime_ms[0] > 300.0
 
 
 def test_host_neighbours_traffic_reduces_bandwidth():
@@ -147,8 +201,8 @@ def test_scores_in_chunks_match_one_pass():
     one = Scorer(s, lambda: ValleyModel(5)).score(store, rows, T0)
     chunked = Scorer(s, lambda: ValleyModel(5), chunk_vms=8).score(store, rows, T0)
     assert one.vm == chunked.vm
-    np.testing.assert_array_equal(one.best_start, chunked.best_start)
-    np.testing.assert_array_equal(one.p_ok, chunked.p_ok)
+    for name in ("best_start", "p_ok", "window_rule", "min_start", "min_p_ok", "now_p_ok", "now_total_s"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(chunked, name), err_msg=name)
 
 
 def test_empty_rows_give_an_empty_batch():
@@ -156,6 +210,7 @@ def test_empty_rows_give_an_empty_batch():
     store = WindowStore(s.window_slots, s.slot_s, s.vm_ttl_s)
     b = Scorer(s, lambda: ValleyModel(3)).score(store, np.zeros(0, np.int64), T0)
     assert len(b) == 0 and b.records() == []
+    assert b.window_rule.shape == b.min_start.shape == (0,)
 
 
 def test_interpolation_is_linear_between_sparse_horizons():
