@@ -15,6 +15,8 @@ COPY gpu_kernels ./gpu_kernels
 COPY training ./training
 COPY sim ./sim
 COPY bench ./bench
+COPY lab ./lab
+COPY agent ./agent
 RUN pip install . && useradd --create-home --uid 10001 zhuge && mkdir -p /data && chown zhuge /data
 
 USER zhuge

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	bash ops/install-system-deps.sh
 	[ -x .venv/bin/python ] || python3 -m venv .venv
 	.venv/bin/python -m pip install -q -U pip
-	.venv/bin/python -m pip install -q -e ".[test]"
+	.venv/bin/python -m pip install -q -e ".[test,report]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -107,9 +107,23 @@ class Settings:
     )
     # --- migration / downtime model ----------------------------------------
     link_mbps: float = _doc("migration link bandwidth, MB/s (10 GbE ~ 1250)", default=1250.0)
-    downtime_target_ms: float = _doc("downtime target: stop pre-copy once the remainder fits it (QEMU default 300)", default=300.0)
-    max_rounds: int = _doc("maximum pre-copy rounds before forcing the stop-and-copy", default=30)
-    resume_ms: float = _doc("fixed cost of pausing and resuming the guest, ms", default=20.0)
+    downtime_target_ms: float = _doc(
+        "downtime target, QEMU's downtime-limit: pre-copy stops once the pending bytes fit it (QEMU default 300)",
+        default=300.0,
+    )
+    downtime_model: str = _doc(
+        "qemu (pre-copy as QEMU runs it, checked in the lab) or classic (round-based, max_rounds)", default="qemu"
+    )
+    link_efficiency: float = _doc("qemu model: share of the link rate that carries migration payload", default=0.96)
+    precopy_gap_ms: float = _doc(
+        "qemu model: how far below the downtime limit QEMU's last pass leaves the pending bytes, ms (lab: 57)", default=50.0
+    )
+    migration_timeout_s: float = _doc(
+        "the management layer's completion timeout: a migration not converged by then is aborted (or forced)", default=300.0
+    )
+    migration_on_timeout: str = _doc("abort (the guest stays where it is) or force (pause it and copy the rest)", default="abort")
+    max_rounds: int = _doc("classic model: maximum pre-copy rounds before forcing the stop-and-copy", default=30)
+    resume_ms: float = _doc("fixed cost of the pause beyond the copy (device state, resume, data in flight), ms", default=20.0)
     # --- models, storage, ops -----------------------------------------------
     model_store: str = _doc("fsspec URL of the model store (local dir or s3://bucket/prefix)", default=".zhuge/models")
     history_url: str = _doc("fsspec URL of the Parquet history archive", default=".zhuge/history")
@@ -168,6 +182,10 @@ class Settings:
             raise ValueError(f"unknown Kafka security protocol {self.kafka_security_protocol!r}")
         if self.window_tolerance_ms < 0 or self.window_tolerance_rel < 0 or not 0 <= self.window_min_p_ok <= 1:
             raise ValueError("window_tolerance_ms and window_tolerance_rel must be >= 0, window_min_p_ok in [0, 1]")
+        if self.downtime_model not in ("qemu", "classic") or self.migration_on_timeout not in ("abort", "force"):
+            raise ValueError("downtime_model must be qemu or classic, migration_on_timeout abort or force")
+        if not 0 < self.link_efficiency <= 1 or self.precopy_gap_ms < 0 or self.migration_timeout_s <= 0:
+            raise ValueError("link_efficiency in (0, 1], precopy_gap_ms >= 0, migration_timeout_s > 0")
         if self.link_mbps <= 0 or self.downtime_target_ms <= 0 or self.max_rounds < 1:
             raise ValueError("link_mbps, downtime_target_ms and max_rounds must be positive")
         if self.topic_partitions < 1 or self.topic_replication < 1:

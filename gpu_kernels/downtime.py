@@ -1,6 +1,14 @@
-"""Pre-copy live-migration downtime over VMs x slots, in closed form.
+"""Pre-copy live-migration downtime over VMs x slots, in closed form: the models and their dispatch.
 
-The standard pre-copy model (DESIGN "Models"): round 0 sends the guest's memory
+Two models share one interface (``precopy_with``, ``p_ok``), chosen by
+``PrecopyParams.model`` (``ZHUGE_DOWNTIME_MODEL``):
+
+- ``qemu`` (default): pre-copy as QEMU runs it (``gpu_kernels.qemu_precopy``),
+  checked against real migrations in the lab (``zhuge lab calibrate``);
+- ``classic``: the textbook round-based model below, what zhuge shipped first
+  (kept for comparison: the calibration report shows both).
+
+The classic model (DESIGN "Models"): round 0 sends the guest's memory
 M at bandwidth B; every later round re-sends what was dirtied during the round
 before, so with lambda = D / B round i sends M * lambda**i. Pre-copy stops once
 the remainder fits the downtime target (remainder / B <= target, like QEMU's
@@ -24,6 +32,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gpu_kernels.qemu_precopy import QemuLink, qemu_precopy
+from gpu_kernels.qemu_precopy import max_converging_dirty as qemu_max_converging_dirty
 from gpu_kernels.xp import module_of
 
 # z-score of the 0.9 quantile of a standard normal: lognormal fit through q50/q90.
@@ -36,12 +46,17 @@ WRITABLE_WORKING_SET_FRACTION = 0.25
 
 @dataclass(frozen=True)
 class PrecopyParams:
-    """The migration-link parameters of the model (from Settings)."""
+    """The migration-link and policy parameters of the models (from Settings)."""
 
     link_mbps: float = 1250.0
-    downtime_target_ms: float = 300.0
-    max_rounds: int = 30
+    downtime_target_ms: float = 300.0  # QEMU's downtime-limit (classic: the target a round must fit)
+    max_rounds: int = 30  # classic only
     resume_ms: float = 20.0
+    model: str = "qemu"  # qemu | classic
+    efficiency: float = 0.96  # qemu: payload share of the link
+    gap_ms: float = 50.0  # qemu: where below the limit the last pass leaves the pending bytes
+    timeout_s: float = 300.0  # qemu: the management layer's completion timeout
+    on_timeout: str = "abort"  # qemu: abort | force
 
     @classmethod
     def from_settings(cls, settings: Any) -> PrecopyParams:
@@ -50,14 +65,28 @@ class PrecopyParams:
             downtime_target_ms=float(settings.downtime_target_ms),
             max_rounds=int(settings.max_rounds),
             resume_ms=float(settings.resume_ms),
+            model=str(settings.downtime_model),
+            efficiency=float(settings.link_efficiency),
+            gap_ms=float(settings.precopy_gap_ms),
+            timeout_s=float(settings.migration_timeout_s),
+            on_timeout=str(settings.migration_on_timeout),
         )
+
+    def qemu_link(self) -> QemuLink:
+        return QemuLink(self.downtime_target_ms, self.efficiency, self.gap_ms, self.resume_ms, self.timeout_s,
+                        self.on_timeout)  # fmt: skip
+
+    @property
+    def pause_bound_ms(self) -> float:
+        """The longest pause a converging migration has under this model (what a window must fit)."""
+        return self.downtime_target_ms + (self.resume_ms if self.model == "qemu" else 0.0)
 
 
 class Precopy(NamedTuple):
-    downtime_ms: Any  # pause (stop-and-copy + resume), ms
-    duration_s: Any  # whole migration: all pre-copy rounds + the pause, s
-    converged: Any  # bool: remainder fitted the target within max_rounds
-    rounds: Any  # pre-copy rounds sent before the pause (>= 1)
+    downtime_ms: Any  # pause (stop-and-copy + resume), ms; +inf where a non-converging migration is aborted
+    duration_s: Any  # whole migration: all pre-copy rounds + the pause (or until the abort), s
+    converged: Any  # bool
+    rounds: Any  # classic: rounds before the pause (>= 1); qemu: passes after the first
 
 
 def precopy(
@@ -119,9 +148,13 @@ def precopy(
     return Precopy(downtime_ms, duration_s, converged & ~bad, n.astype(xp.int32))
 
 
-def precopy_with(params: PrecopyParams, mem_mb: Any, dirty_mbps: Any, bw_mbps: Any, xp: Any = None) -> Precopy:
-    """:func:`precopy` with the link parameters of ``params``."""
-    return precopy(mem_mb, dirty_mbps, bw_mbps, params.downtime_target_ms, params.max_rounds, params.resume_ms, xp)
+def precopy_with(params: PrecopyParams, mem_mb: Any, dirty_mbps: Any, bw_mbps: Any, xp: Any = None,
+                 wss_mb: Any = None) -> Precopy:  # fmt: skip
+    """The model ``params`` names, with its link parameters (``wss_mb``: the writable working set, qemu only)."""
+    if params.model == "classic":
+        return precopy(mem_mb, dirty_mbps, bw_mbps, params.downtime_target_ms, params.max_rounds, params.resume_ms, xp)
+    q = qemu_precopy(mem_mb, dirty_mbps, bw_mbps, wss_mb, params.qemu_link(), xp)
+    return Precopy(q.downtime_ms, q.duration_s, q.converged, q.passes)
 
 
 def dirty_rate_proxy(cpu_pct: Any, vcpus: Any, mem_used_mb: Any, disk_write_kbps: Any, xp: Any = None) -> Any:
@@ -179,22 +212,37 @@ def p_ok(
     target_ms: Any = 300.0,
     max_rounds: int = 30,
     xp: Any = None,
+    *,
+    params: PrecopyParams | None = None,
+    wss_mb: Any = None,
 ) -> Any:
     """Probability that the migration's pause stays under the target, in [0, 1].
 
     The dirty rate is modelled as lognormal through the forecast's median and
     0.9 quantile (dirty rates are positive and right-skewed, and two quantiles
     pin down exactly two parameters): mu = ln q50, sigma = (ln q90 - ln q50) / z90.
-    Because convergence under the target is monotone in the dirty rate (see
-    :func:`max_converging_dirty`), P(ok) = P(D <= D*) = Phi((ln D* - mu) / sigma)
-    with D* the largest converging rate. ``q90 <= q50`` means no spread: a step.
-    A median of 0 means the guest is idle: ok whenever D* > 0.
-    ``target_ms`` may be per VM (an array broadcasting against ``bw_mbps``).
+    Because success is monotone in the dirty rate, P(ok) = P(D <= D*) =
+    Phi((ln D* - mu) / sigma) with D* the largest rate that still succeeds.
+    ``q90 <= q50`` means no spread: a step. A median of 0 means the guest is
+    idle: ok whenever D* > 0.
+
+    Which D*: with ``params`` naming the ``qemu`` model, the largest rate whose
+    migration converges within the timeout (QEMU's stop rule then keeps the
+    pause under the limit, so convergence is what can fail;
+    ``gpu_kernels.qemu_precopy.max_converging_dirty``). Otherwise (classic) the
+    largest rate converging under ``target_ms`` within ``max_rounds``
+    (:func:`max_converging_dirty`); ``target_ms`` may be per VM (an array
+    broadcasting against ``bw_mbps``).
     """
     xp = xp or module_of(dirty_q50)
     q50 = xp.maximum(xp.asarray(dirty_q50, dtype=xp.float64), 0)
     q90 = xp.maximum(xp.asarray(dirty_q90, dtype=xp.float64), q50)
-    d_star = max_converging_dirty(mem_mb, bw_mbps, target_ms, max_rounds, xp)
+    if params is not None and params.model == "qemu":
+        mem = xp.asarray(mem_mb, dtype=xp.float64)
+        bw = xp.asarray(bw_mbps, dtype=xp.float64)
+        d_star = qemu_max_converging_dirty(mem, bw, wss_mb, params.qemu_link(), xp)
+    else:
+        d_star = max_converging_dirty(mem_mb, bw_mbps, target_ms, max_rounds, xp)
     with np.errstate(divide="ignore", invalid="ignore"):
         sigma = (xp.log(q90) - xp.log(q50)) / Z90
         z = (xp.log(d_star) - xp.log(q50)) / sigma

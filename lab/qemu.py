@@ -49,7 +49,7 @@ class GuestSpec:
     pattern: str = "seq"
 
     def cmdline(self) -> str:
-        return (f"console=ttyS0 quiet panic=-1 zhuge.mem={self.mem_mb} zhuge.wss={self.wss_mb} "
+        return (f"console=ttyS0 quiet panic=0 zhuge.mem={self.mem_mb} zhuge.wss={self.wss_mb} "
                 f"zhuge.rate={self.rate_mbps:g} zhuge.cpu={self.cpu_pct:g} zhuge.pattern={self.pattern}")  # fmt: skip
 
 
@@ -125,7 +125,7 @@ def launch(spec: GuestSpec, host: Host, image: GuestImage, folder: Path, *, inco
     for leftover in ("qmp.sock", "ctl.sock", "qemu.pid"):
         (folder / leftover).unlink(missing_ok=True)
     accel = accel or accelerator()
-    accel_args = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,tb-size=64", "-cpu", "max"]
+    accel_args = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,tb-size=64", "-cpu", "Nehalem"]
     cmd = [
         "ip", "netns", "exec", host.netns, QEMU, *accel_args, "-name", f"guest={spec.name}",
         "-m", str(spec.ram_mb), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",

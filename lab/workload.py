@@ -56,10 +56,19 @@ class WorkloadLine:
         return cls(reader, writer)
 
     async def send(self, **params: object) -> WorkloadStat:
-        """Apply ``params`` (or just ask, with none) and return the workload's answer."""
-        self.writer.write((command(**params) + "\n").encode())
-        await self.writer.drain()
-        return await self.next_stat(reply=True)
+        """Apply ``params`` (or just ask, with none) and return the workload's answer.
+
+        The answer is checked against what was asked and the command sent again when it
+        does not match (a line that arrives while the guest's UART is being set up can
+        be lost): at most three tries.
+        """
+        for _ in range(3):
+            self.writer.write((command(**params) + "\n").encode())
+            await self.writer.drain()
+            stat = await self.next_stat(reply=True)
+            if _applied(stat, params):
+                return stat
+        raise ConnectionError(f"the workload did not apply {command(**params)!r} (it reports {stat})")
 
     async def next_stat(self, reply: bool = False, timeout_s: float = STAT_TIMEOUT_S) -> WorkloadStat:
         """The next ``stat`` line (``reply``: the one answering a command, whose rate field is 0)."""
@@ -78,6 +87,20 @@ class WorkloadLine:
         self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
+
+
+def _applied(stat: WorkloadStat, params: dict[str, object]) -> bool:
+    checks = {"mem": stat.mem, "wss": stat.wss, "rate": stat.target, "cpu": stat.cpu, "pattern": stat.pattern}
+    for key, value in params.items():
+        if value is None or key not in checks:
+            continue
+        got = checks[key]
+        if isinstance(got, str) or isinstance(value, str):
+            if str(got) != str(value):
+                return False
+        elif abs(float(got) - float(value)) > 1e-3 * max(1.0, abs(float(value))):  # type: ignore[arg-type]
+            return False
+    return True
 
 
 async def send(path: Path, **params: object) -> WorkloadStat:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 METRICS: tuple[str, ...] = (
     "cpu_pct", "mem_total_mb", "mem_used_mb", "dirty_mbps", "net_rx_kbps", "net_tx_kbps",
-    "disk_read_kbps", "disk_write_kbps", "vcpus",
+    "disk_read_kbps", "disk_write_kbps", "vcpus", "wss_mb",
 )
 _I_MEM_TOTAL = METRICS.index("mem_total_mb")
 _I_MEM_USED = METRICS.index("mem_used_mb")
@@ -66,6 +66,7 @@ class Sample(msgspec.Struct):
     disk_read_kbps: NonNeg | None = None
     disk_write_kbps: NonNeg | None = None
     vcpus: NonNeg | None = None
+    wss_mb: NonNeg | None = None  # writable working set (distinct pages dirtied over a long window), MB
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def upper_bounds(limits: Limits) -> np.ndarray:
     bound = {"cpu_pct": 100.0, "mem_total_mb": limits.max_mem_mb, "mem_used_mb": limits.max_mem_mb,
              "dirty_mbps": limits.max_dirty_mbps, "net_rx_kbps": limits.max_net_kbps,
              "net_tx_kbps": limits.max_net_kbps, "disk_read_kbps": limits.max_disk_kbps,
-             "disk_write_kbps": limits.max_disk_kbps, "vcpus": limits.max_vcpus}
+             "disk_write_kbps": limits.max_disk_kbps, "vcpus": limits.max_vcpus, "wss_mb": limits.max_mem_mb}
     return np.minimum(np.array([bound[m] for m in METRICS], dtype=np.float64), _F32_MAX)
 
 

@@ -132,7 +132,8 @@ def score_windows(
         mem = _latest_observed(win[:, :, _C_MEM], xp)
     mem = xp.where(xp.isnan(mem), xp.asarray(attrs["mem_total_mb"], dtype=xp.float32), mem)[:, None]
 
-    pc = precopy_with(params, mem, dirty90, bw, xp)
+    wss = xp.asarray(attrs["wss_mb"], dtype=xp.float32)[:, None] if "wss_mb" in attrs else None
+    pc = precopy_with(params, mem, dirty90, bw, xp, wss)
     dur_slots = xp.ceil(xp.nan_to_num(pc.duration_s, nan=slot_s) / slot_s)
     dur_slots = xp.clip(dur_slots, 1, horizon_slots).astype(xp.int64)
     downtime, p_target_ms = pc.downtime_ms, params.downtime_target_ms
@@ -140,11 +141,11 @@ def score_windows(
         f = xp.asarray(downtime_factor, dtype=xp.float64).reshape(k, 1)
         downtime = downtime * f.astype(xp.float32)
         p_target_ms = params.downtime_target_ms / f  # float64: a factor of 1 gives the target exactly
-    p_slot = p_ok(dirty50, dirty90, mem, bw, p_target_ms, params.max_rounds, xp)
+    p_slot = p_ok(dirty50, dirty90, mem, bw, p_target_ms, params.max_rounds, xp, params=params, wss_mb=wss)
     p_start = window_min(xp.nan_to_num(p_slot, nan=0.0), dur_slots, xp)  # unknown counts as not ok
     policy = policy or WindowPolicy()
     start, value, rule = recommended_window(
-        downtime, dur_slots, p_start, params.downtime_target_ms, policy.tol_ms, policy.tol_rel, policy.min_p_ok, xp
+        downtime, dur_slots, p_start, params.pause_bound_ms, policy.tol_ms, policy.tol_rel, policy.min_p_ok, xp
     )
     min_start, min_value = best_window(downtime, dur_slots, tol_ms, xp)
 

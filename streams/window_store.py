@@ -89,6 +89,7 @@ class WindowStore:
         self.vcpus = np.zeros(0, dtype=np.float32)
         self.latest_net = np.zeros(0, dtype=np.float32)
         self.latest_mem = np.zeros(0, dtype=np.float32)
+        self.latest_wss = np.zeros(0, dtype=np.float32)
         self.host_code = np.zeros(0, dtype=np.int32)
         self.scored_at = np.zeros(0, dtype=np.float64)
         self.scored_slot = np.zeros(0, dtype=np.int64)
@@ -123,6 +124,7 @@ class WindowStore:
         self.vcpus = np.concatenate([self.vcpus, np.full(pad, np.nan, np.float32)])
         self.latest_net = np.concatenate([self.latest_net, np.full(pad, np.nan, np.float32)])
         self.latest_mem = np.concatenate([self.latest_mem, np.full(pad, np.nan, np.float32)])
+        self.latest_wss = np.concatenate([self.latest_wss, np.full(pad, np.nan, np.float32)])
         self.host_code = np.concatenate([self.host_code, np.full(pad, -1, np.int32)])
         self.scored_at = np.concatenate([self.scored_at, np.full(pad, -np.inf)])
         self.scored_slot = np.concatenate([self.scored_slot, np.full(pad, -1, np.int64)])
@@ -142,7 +144,7 @@ class WindowStore:
         self.last_slot[rows] = -1
         self.last_ts[rows] = -np.inf
         self.last_seen[rows] = -np.inf
-        for a in (self.mem_total_mb, self.vcpus, self.latest_net, self.latest_mem):
+        for a in (self.mem_total_mb, self.vcpus, self.latest_net, self.latest_mem, self.latest_wss):
             a[rows] = np.nan
         self.host_code[rows] = -1
         self.scored_at[rows] = -np.inf
@@ -257,6 +259,7 @@ class WindowStore:
             (self.vcpus, values_col(values, "vcpus")),
             (self.latest_net, chans[:, _CH["net_mbps"]]),
             (self.latest_mem, values_col(values, "mem_used_mb")),
+            (self.latest_wss, values_col(values, "wss_mb")),
         ):
             g, v, k = _last_per_group(order, inv, ts, column)
             newer = k >= prev_ts[g]
@@ -295,6 +298,7 @@ class WindowStore:
             "mem_total_mb": self.mem_total_mb[rows].copy(),
             "vcpus": self.vcpus[rows].copy(),
             "mem_used_mb": self.latest_mem[rows].copy(),
+            "wss_mb": self.latest_wss[rows].copy(),
         }
 
     def active_rows(self) -> np.ndarray:
@@ -388,6 +392,7 @@ class WindowStore:
             "vcpus": self.vcpus,
             "latest_net": self.latest_net,
             "latest_mem": self.latest_mem,
+            "latest_wss": self.latest_wss,
             "host_code": self.host_code,
             "scored_at": self.scored_at,
             "scored_slot": self.scored_slot,

@@ -78,9 +78,10 @@ def test_nan_in_nan_out():
 def test_params_from_settings():
     from app.settings import Settings
 
-    s = Settings.from_env({}, link_mbps=500.0, downtime_target_ms=100.0, max_rounds=5, resume_ms=7.0)
+    s = Settings.from_env({}, link_mbps=500.0, downtime_target_ms=100.0, max_rounds=5, resume_ms=7.0,
+                          downtime_model="classic", migration_timeout_s=90.0)
     p = PrecopyParams.from_settings(s)
-    assert p == PrecopyParams(500.0, 100.0, 5, 7.0)
+    assert p == PrecopyParams(500.0, 100.0, 5, 7.0, "classic", timeout_s=90.0)
     a = precopy_with(p, 4096.0, 100.0, 500.0)
     b = precopy(4096.0, 100.0, 500.0, 100.0, 5, 7.0)
     assert a.downtime_ms == b.downtime_ms

@@ -43,7 +43,9 @@ class ValleyModel:
 
 
 def settings(**kw):
-    base = dict(slot_s=SLOT, window_span_s=12 * SLOT, horizon_s=24 * SLOT, link_mbps=1250.0, rescore_s=SLOT)
+    """Scorer-plumbing settings; the classic model, whose closed form the references below recompute."""
+    base = dict(slot_s=SLOT, window_span_s=12 * SLOT, horizon_s=24 * SLOT, link_mbps=1250.0, rescore_s=SLOT,
+                downtime_model="classic")  # fmt: skip
     base.update(kw)
     return Settings.from_env({}, **base)
 
