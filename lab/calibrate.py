@@ -65,7 +65,7 @@ def full_grid() -> list[GridPoint]:
 
 def quick_grid() -> list[GridPoint]:
     """6 points for CI: idle, converging fast and slowly, above the link, a small working set, a tight limit."""
-    return [GridPoint(64, 32, 0.0, 512), GridPoint(64, 32, 10.0, 256), GridPoint(64, 48, 24.0, 256),
+    return [GridPoint(64, 32, 0.0, 256), GridPoint(64, 32, 10.0, 256), GridPoint(64, 48, 24.0, 256),
             GridPoint(64, 48, 40.0, 256), GridPoint(64, 8, 40.0, 256), GridPoint(64, 32, 12.0, 256, limit_ms=100.0)]  # fmt: skip
 
 

@@ -112,6 +112,8 @@ def down(state_dir: str, name: str, echo: Echo = print) -> None:
         for pid in _lab_qemu_pids(folder):  # destinations of migrations that were cut short
             _kill(pid)
         gone = net.destroy(name)
+        for guest_folder in (folder / "guests").glob("*"):
+            shutil.rmtree(qemu.socket_dir(guest_folder), ignore_errors=True)
         shutil.rmtree(folder / "guests", ignore_errors=True)
         (folder / "lab.json").unlink(missing_ok=True)
     echo(f"lab {name}: down (removed {len(gone)} namespaces)")

@@ -1,10 +1,11 @@
 """QEMU guest processes of the lab: launch on an emulated host, talk QMP, stop.
 
 Each guest is a ``qemu-system-x86_64`` started inside its host's network
-namespace (``ip netns exec``), daemonised with a pid file, with three unix
-sockets in its folder: ``qmp.sock`` (QMP, through the ``qemu.qmp`` library),
-``ctl.sock`` (the workload's control line, guest ``/dev/ttyS1``) and a console
-log. A migration target is the same command line plus ``-incoming`` on the
+namespace (``ip netns exec``), daemonised with a pid file and a console log in
+its folder, and two unix sockets in a short folder of its own (``socket_dir``: a
+socket path must fit in 107 bytes): ``qmp.sock`` (QMP, through the ``qemu.qmp``
+library) and ``ctl.sock`` (the workload's control line, guest ``/dev/ttyS1``).
+A migration target is the same command line plus ``-incoming`` on the
 destination host's address. KVM is used when it works, TCG otherwise (the
 same accelerator on both ends, so any guest can move to any host).
 """
@@ -14,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
@@ -65,11 +68,11 @@ class GuestProcess:
 
     @property
     def qmp_path(self) -> Path:
-        return Path(self.folder) / "qmp.sock"
+        return socket_dir(Path(self.folder)) / "qmp.sock"
 
     @property
     def ctl_path(self) -> Path:
-        return Path(self.folder) / "ctl.sock"
+        return socket_dir(Path(self.folder)) / "ctl.sock"
 
     @property
     def console_path(self) -> Path:
@@ -85,6 +88,12 @@ class GuestProcess:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def socket_dir(folder: Path) -> Path:
+    """Where a guest's unix sockets live: a short path (a socket path must fit 107 bytes), one per folder."""
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "zhuge-lab" / digest
 
 
 def kvm_usable() -> bool:
@@ -122,8 +131,10 @@ def launch(spec: GuestSpec, host: Host, image: GuestImage, folder: Path, *, inco
            accel: str | None = None) -> GuestProcess:  # fmt: skip
     """Start the guest's QEMU on ``host``; with ``incoming_port`` it waits for a migration instead of booting."""
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in ("qmp.sock", "ctl.sock", "qemu.pid"):
-        (folder / leftover).unlink(missing_ok=True)
+    sockets = socket_dir(folder)
+    sockets.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for leftover in (sockets / "qmp.sock", sockets / "ctl.sock", folder / "qemu.pid"):
+        leftover.unlink(missing_ok=True)
     accel = accel or accelerator()
     accel_args = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,tb-size=64", "-cpu", "Nehalem"]
     cmd = [
@@ -131,8 +142,8 @@ def launch(spec: GuestSpec, host: Host, image: GuestImage, folder: Path, *, inco
         "-m", str(spec.ram_mb), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", spec.cmdline(),
         "-serial", f"file:{folder / 'console.log'}",
-        "-serial", f"unix:{folder / 'ctl.sock'},server=on,wait=off",
-        "-qmp", f"unix:{folder / 'qmp.sock'},server=on,wait=off",
+        "-serial", f"unix:{sockets / 'ctl.sock'},server=on,wait=off",
+        "-qmp", f"unix:{sockets / 'qmp.sock'},server=on,wait=off",
         "-pidfile", str(folder / "qemu.pid"), "-daemonize",
     ]  # fmt: skip
     incoming = f"tcp:{host.address}:{incoming_port}" if incoming_port else ""

@@ -147,6 +147,36 @@ def fit_forecaster(
     return boosters
 
 
+#: Half-width of the label dither, in label units (percentage points for cpu, log1p units for rates).
+LABEL_DITHER = {"cpu_pct": 0.02}
+LABEL_DITHER_DEFAULT = 0.002
+
+
+def dithered(label: Any, target: str, seed: int) -> Any:
+    """``label`` plus a tiny seeded uniform jitter, so no label ties exactly with the booster's start.
+
+    Why: XGBoost's quantile objective starts each quantile at the label quantile
+    (``base_score``); when many labels equal it exactly (plateaus: a VM idle at 0,
+    saturated at 100 %, or a square load whose change from the last value is mostly 0
+    or one step), that output's gradients never move it: seen in the lab, a q90 stuck
+    at the largest step for every row while q50 learned the pattern. A jitter of a
+    few thousandths of the label (0.2 % on a log scale) breaks the ties and changes
+    nothing else measurable.
+    """
+    eps = LABEL_DITHER.get(target, LABEL_DITHER_DEFAULT)
+    try:
+        import dask.array as da
+
+        if isinstance(label, da.Array):
+            noise = da.random.RandomState(seed).uniform(-eps, eps, size=label.shape, chunks=label.chunks)
+            return label + noise.astype(label.dtype)
+    except ImportError:  # pragma: no cover - dask is a dependency
+        pass
+    xp = array_module(label)
+    noise = np.random.default_rng(seed).uniform(-eps, eps, label.shape).astype(np.float32)
+    return label + xp.asarray(noise)
+
+
 def _fit_local(xgb: Any, X: Any, y: Any, in_band: Any, target: str, params: dict[str, Any], rounds: int) -> Any:
     xp = array_module(y)
     keep = ~xp.isnan(y) & in_band
@@ -154,7 +184,7 @@ def _fit_local(xgb: Any, X: Any, y: Any, in_band: Any, target: str, params: dict
         raise ValueError(f"no known label for target {target!r} in one of the horizon bands")
     dtrain = xgb.QuantileDMatrix(
         X[keep],
-        label=to_label(y[keep], target) - label_offset(X[keep], target),
+        label=dithered(to_label(y[keep], target) - label_offset(X[keep], target), target, params["seed"]),
         feature_names=list(FEATURE_NAMES),
         max_bin=params["max_bin"],
     )
@@ -178,6 +208,7 @@ def _fit_dask(
     yk = to_label(y[keep], target) - label_offset(Xk, target)
     Xk.compute_chunk_sizes()
     yk.compute_chunk_sizes()
+    yk = dithered(yk, target, params["seed"])
     dtrain = dxgb.DaskQuantileDMatrix(
         client, Xk, label=yk, feature_names=list(FEATURE_NAMES), max_bin=params["max_bin"]
     )

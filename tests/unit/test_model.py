@@ -205,3 +205,28 @@ def test_dask_path_trains_usable_quantile_boosters() -> None:
     assert set(boosters) == set(TARGETS) and P.shape == (2000, 3, 2)
     assert (P[:, :, 1] >= P[:, :, 0]).all()
     assert np.corrcoef(P[:, 0, 0], Y[:, 0])[0, 1] > 0.5  # it learned the signal, not a constant
+
+
+def test_a_plateau_series_still_gets_a_conditional_upper_quantile():
+    """A square load: the change from the last value is 0 or one step. Without the label dither
+    XGBoost's q90 stays at its start (the largest step) for every row; with it, q90 follows the pattern."""
+    from gpu_kernels.features import FEATURE_NAMES, TARGETS
+    from training.fit import fit_forecaster, predict_boosters
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    X = np.full((n, len(FEATURE_NAMES)), np.nan, np.float32)
+    last = rng.choice([np.log1p(1.0), np.log1p(40.0)], n).astype(np.float32)
+    yday = rng.choice([np.log1p(1.0), np.log1p(40.0)], n).astype(np.float32)
+    X[:, FEATURE_NAMES.index("dirty_last")] = last
+    X[:, FEATURE_NAMES.index("dirty_yday")] = yday
+    X[:, FEATURE_NAMES.index("cpu_last")] = 10.0
+    X[:, FEATURE_NAMES.index("net_last")] = 0.0
+    X[:, FEATURE_NAMES.index("horizon_h")] = rng.choice([0.5, 3.0, 12.0], n)
+    Y = np.zeros((n, len(TARGETS)), np.float32)
+    Y[:, TARGETS.index("dirty_mbps")] = np.expm1(yday)  # tomorrow repeats today
+    Y[:, TARGETS.index("cpu_pct")] = 10.0
+    boosters = fit_forecaster(X, Y, n_estimators=150, nthread=1)
+    q = predict_boosters(boosters, X)[:, TARGETS.index("dirty_mbps"), 1]
+    quiet_next = (last > 2) & (yday < 1)  # busy now, quiet at the target: q90 must say quiet
+    assert np.median(q[quiet_next]) < 3.0, np.median(q[quiet_next])
