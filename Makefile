@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	[ -x .venv/bin/python ] || python3 -m venv .venv
 	.venv/bin/python -m pip install -q -U pip
 	.venv/bin/python -m pip install -q -e ".[test,report]"
+	.venv/bin/python -m app.cli lab image  # the QEMU lab's guest image, built once and cached
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the system packages zhuge's local services and tests use, when missing:
 # redis-server, Java 17 and Maven (the Kafka broker's jars come from Maven Central),
-# openssl (the local CA of a TLS stack) and Prometheus (the dashboard-query test).
+# openssl (the local CA of a TLS stack), Prometheus (the dashboard-query test) and the
+# QEMU lab's parts: qemu-system-x86, a Debian kernel for the guests (linux-image-cloud-amd64),
+# busybox-static, iproute2 (network namespaces, tc) and a C compiler with static libc (the
+# guest workload).
 # Debian/Ubuntu (apt-get); used by `make install` (so `make demo` / `make test` on a
 # fresh machine) and by .ci/run.
 set -euo pipefail
@@ -11,6 +14,13 @@ command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v openssl >/dev/null || need+=(openssl)
 command -v prometheus >/dev/null || need+=(prometheus)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
+command -v ip >/dev/null || need+=(iproute2)
+command -v tc >/dev/null || need+=(iproute2)
+command -v cc >/dev/null || need+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 [ "${#need[@]}" -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
   echo "please install: ${need[*]} (no apt-get here)" >&2
@@ -21,4 +31,4 @@ SUDO=""
 echo "installing system packages: ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+$SUDO apt-get install -y -q --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u)

@@ -66,6 +66,18 @@ def _load_program(text: str, rate: float) -> dict:
     raise typer.BadParameter(f"unknown load {text!r}: square[:busy,quiet] or trace:<format>:<vm>[:max_rate]", param_hint="--load")
 
 
+@lab_app.command("image")
+def image() -> None:
+    """Build (or find in the cache) the guest image: Debian's kernel + busybox + the workload, compiled here."""
+    from lab.image import ImageError, build_image
+
+    try:
+        img = build_image()
+    except ImageError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"kernel {img.kernel}\ninitrd {img.initrd}")
+
+
 @lab_app.command("down")
 def down(ctx: typer.Context, name: str = NAME) -> None:
     """Stop every guest and the load driver, remove the lab's namespaces."""
