@@ -3,10 +3,10 @@ PYTHON ?= .venv/bin/python
 ZHUGE  := $(PYTHON) -m app.cli
 STAMP  := .venv/.zhuge-installed
 
-.PHONY: help install demo test test-unit test-integration test-faults services-up services-down services-status readme-settings
+.PHONY: help install demo test test-unit test-integration test-faults test-lab services-up services-down services-status readme-settings
 
 help:
-	@echo "make install | demo | test | test-unit | test-integration | test-faults | services-up | services-down | services-status | readme-settings"
+	@echo "make install | demo | test | test-unit | test-integration | test-faults | test-lab | services-up | services-down | services-status | readme-settings"
 
 # A fresh machine: system packages (redis-server, Java, Maven, Prometheus), then .venv with the project.
 install: $(STAMP)
@@ -33,6 +33,9 @@ test-integration: $(STAMP)
 
 test-faults: $(STAMP)
 	$(PYTHON) -m pytest -q -s -m "faults" tests/faults
+
+test-lab: $(STAMP)
+	$(PYTHON) -m pytest -q -s -m "lab" tests
 
 services-up: $(STAMP)
 	$(ZHUGE) services up

@@ -11,7 +11,9 @@ lab measured (``zhuge lab calibrate``):
   below it, it syncs the dirty bitmap, and stops the guest if the pending bytes
   are still below the threshold. The check runs between chunks of sending, so
   the pass ends with ``rest = B x (limit - gap)`` bytes still pending (``gap``:
-  where in its last chunk the check lands, on average);
+  where in its last chunk the check lands, on average; a limit below the gap
+  leaves ``rest = 0`` and the tail must end below the limit itself, since
+  pending bytes at the stop never exceed the threshold);
 - what the guest dirties meanwhile is bounded by its writable working set ``W``
   (a guest cannot dirty more distinct pages than it writes to), minus the
   pending pages it dirties again (they are sent once): each pass after the first
@@ -48,10 +50,15 @@ class QemuLink:
 
     limit_ms: float = 300.0  # QEMU downtime-limit
     efficiency: float = 0.96  # payload share of the link rate
-    gap_ms: float = 40.0  # the last chunk's mean overshoot below the limit
+    gap_ms: float = 50.0  # the last chunk's mean overshoot below the limit
     resume_ms: float = 20.0
     timeout_s: float = 300.0  # the management layer's completion timeout
     on_timeout: str = "abort"  # abort | force
+
+    @property
+    def stop_gap_ms(self) -> float:
+        """The gap as the stop rule sees it: never above the limit (the pause never sends more than it allows)."""
+        return min(self.gap_ms, max(self.limit_ms, 0.0))
 
 
 class QemuPrecopy(NamedTuple):
@@ -65,8 +72,8 @@ def qemu_precopy(mem_mb: Any, dirty_mbps: Any, link_mbps: Any, wss_mb: Any, link
     """The model over broadcastable arrays (``(k, 1)`` memory with ``(k, T)`` rates, say)."""
     xp = xp or module_of(dirty_mbps)
     m, d, b, w = _inputs(mem_mb, dirty_mbps, link_mbps, wss_mb, link, xp)
-    limit_s, gap_s = link.limit_ms / 1000.0, link.gap_ms / 1000.0
-    rest = b * max(limit_s - gap_s, 0.0)
+    limit_s, gap_s = link.limit_ms / 1000.0, link.stop_gap_ms / 1000.0
+    rest = b * (limit_s - gap_s)
     gap = b * gap_s
     room = xp.maximum(w - rest, 0)  # new distinct dirty bytes a pass can hold
     t0 = m / b
@@ -109,8 +116,8 @@ def max_converging_dirty(mem_mb: Any, link_mbps: Any, wss_mb: Any, link: QemuLin
     """
     xp = xp or module_of(mem_mb)
     m, _, b, w = _inputs(mem_mb, xp.zeros(()), link_mbps, wss_mb, link, xp)
-    rest = b * max(link.limit_ms - link.gap_ms, 0.0) / 1000.0
-    gap = b * link.gap_ms / 1000.0
+    rest = b * (link.limit_ms - link.stop_gap_ms) / 1000.0
+    gap = b * link.stop_gap_ms / 1000.0
     room = xp.maximum(w - rest, 0)
     t0 = m / b
     y = b * (link.timeout_s - t0)

@@ -100,7 +100,7 @@ def calibrate_command(settings: Settings, *, quick: bool, out: str | None, runs:
     started = time.monotonic()
     if runs:
         found = load_runs(Path(runs))
-        grid_name = f"loaded from {runs}"
+        grid_name = f"re-scored from {runs}"
     else:
         points = quick_grid() if quick else full_grid()
         grid_name = "quick" if quick else "full"
@@ -139,8 +139,9 @@ def calibrate_command(settings: Settings, *, quick: bool, out: str | None, runs:
 def render(doc: dict[str, Any]) -> str:
     """The report as markdown (also what ``zhuge lab calibrate`` prints)."""
     f = doc["fitted"]
+    where = doc["grid"] if doc["grid"].startswith("re-scored") else f"{doc['grid']} grid, {doc['seconds']:.0f} s"
     lines = [
-        f"# Downtime model calibration: {doc['runs']} real QEMU migrations ({doc['grid']} grid, {doc['seconds']:.0f} s, "
+        f"# Downtime model calibration: {doc['runs']} real QEMU migrations ({where}, "
         f"{doc['machine']}, abort after {doc['timeout_s']:g} s)", "",
         f"Constants fitted on {f['idle_runs']} idle runs: efficiency {f['efficiency']:.3f}, gap {f['gap_ms']:.1f} ms, "
         f"resume {f['resume_ms']:.1f} ms. Scored on the {doc['held_out_runs']} runs with a dirtying guest:", "",

@@ -2,9 +2,30 @@
 
 Each VM has a type (vCPUs, memory), a base CPU level, a diurnal cycle with its own
 phase and amplitude, a weekly cycle (quieter weekends), noise, random bursts and
-rare level shifts. Memory used, the memory dirty rate, disk and network follow the
-load and the VM's size, so the downtime model sees busy VMs dirty memory faster.
-Everything is NumPy over all VMs at once; one ``sample`` call is one period.
+rare level shifts. Memory used, disk and network follow the load and the VM's size.
+
+Memory writes, what live migration cares about:
+
+- every VM has a writable working set ``wss_mb``, a fixed fraction of the memory it
+  uses: a few % (lognormal around 8 %, 2-40 %) for the mostly-read majority, 35-90 %
+  for the write-heavy minority;
+- the write-heavy minority (databases, caches, big-heap JVMs, in-memory analytics:
+  ``WRITE_HEAVY_SHARE`` per type, about 19 % of the fleet, half of the xlarge VMs,
+  5 % of the small ones) dirties memory at ``heavy_peak_dirty`` (lognormal, median
+  1.8 GB/s, 0.3-3.5 GB/s) at its nominal weekday peak load, scaled by
+  ``(load / peak load) ** 2`` (so at its nightly trough it is far lower, and a
+  burst or level shift saturates at 1.25 x the peak load);
+- the others dirty ``dirty_per_gib`` x GiB x ``load ** 1.3``: a few to tens of MB/s;
+- a dirty rate (distinct pages per second) never exceeds the working set per second
+  (``WSS_CALC_S``) nor ``DIRTY_MAX_MBPS``; the working set never exceeds memory used.
+
+With the default settings and the qemu downtime model, this makes about 13 % of a
+fleet unmigratable at its daily peak but fine at night, about 2 % never migratable
+and the rest fine all day (``tests/unit/test_fleet.py`` measures it; README
+"Simulator and replay"). The working set and the write-heavy draws come from their
+own random stream: a seed's CPU, memory, disk and network are what they were before
+those existed. Everything is NumPy over all VMs at once; one ``sample`` call is one
+period.
 """
 
 from __future__ import annotations
@@ -22,13 +43,23 @@ VM_TYPES: tuple[tuple[str, int, int, float], ...] = (
 )
 FIELDS: tuple[str, ...] = (
     "cpu_pct", "mem_total_mb", "mem_used_mb", "dirty_mbps", "net_rx_kbps", "net_tx_kbps",
-    "disk_read_kbps", "disk_write_kbps", "vcpus",
+    "disk_read_kbps", "disk_write_kbps", "vcpus", "wss_mb",
 )
 DAY_S = 86400.0
 WEEK_S = 7 * DAY_S
 BURST_RATE_PER_S = 1.0 / (2 * DAY_S)  # about one burst per VM every two days
 BURST_MEAN_S = 900.0
 SHIFT_RATE_PER_S = 1.0 / (5 * DAY_S)  # about one level shift per VM every five days
+# Write-heavy VMs (databases, caches, big-heap JVMs, in-memory analytics): their share per
+# type, in VM_TYPES order (about 19 % of the fleet; the large types more often).
+WRITE_HEAVY_SHARE: tuple[float, ...] = (0.05, 0.18, 0.32, 0.50)
+HEAVY_PEAK_DIRTY_MEDIAN = 1800.0  # MB/s at the nominal weekday peak load, lognormal
+HEAVY_PEAK_DIRTY_SIGMA = 0.35
+HEAVY_PEAK_DIRTY_RANGE = (300.0, 3500.0)
+HEAVY_LOAD_EXPONENT = 2.0  # dirty rate ~ load**2: write traffic grows faster than CPU
+HEAVY_BURST_MAX = 1.25  # above its nominal peak load (bursts, level shifts) the write rate saturates
+DIRTY_MAX_MBPS = 4000.0  # what a guest can dirty in distinct pages per second, whatever its load
+WSS_CALC_S = 1.0  # a dirty-rate window: the distinct pages dirtied in it fit the working set
 
 
 def vm_ids(n: int) -> np.ndarray:
@@ -55,6 +86,7 @@ class FleetSample:
     disk_read_kbps: np.ndarray
     disk_write_kbps: np.ndarray
     vcpus: np.ndarray
+    wss_mb: np.ndarray
 
     def host_net_kbps(self, host_index: np.ndarray, n_hosts: int) -> tuple[np.ndarray, np.ndarray]:
         """Host traffic (rx, tx) = sum of its VMs', per host index."""
@@ -89,6 +121,20 @@ class Fleet:
         self.dirty_per_gib = rng.lognormal(np.log(4.0), 0.6, n_vms)  # MB/s per GiB at full load
         self.disk_kbps = rng.lognormal(np.log(4000.0), 1.0, n_vms) * self.vcpus / 4.0
         self.net_kbps = rng.lognormal(np.log(3000.0), 1.0, n_vms) * self.vcpus / 4.0
+        # The writable working set and the write-heavy minority come from their own stream,
+        # so the CPU, memory, disk and network of a seed are what they were without them.
+        wrng = np.random.default_rng(None if seed is None else [seed, 1])
+        self.write_heavy = wrng.random(n_vms) < np.array(WRITE_HEAVY_SHARE)[self.vm_type]
+        self.wss_frac = np.where(
+            self.write_heavy,
+            wrng.uniform(0.35, 0.9, n_vms),  # writes to most of the memory it uses
+            np.clip(wrng.lognormal(np.log(0.08), 0.7, n_vms), 0.02, 0.4),  # mostly reads: a few %
+        )  # fraction of memory used
+        lo, hi = HEAVY_PEAK_DIRTY_RANGE
+        self.heavy_peak_dirty = np.clip(
+            wrng.lognormal(np.log(HEAVY_PEAK_DIRTY_MEDIAN), HEAVY_PEAK_DIRTY_SIGMA, n_vms), lo, hi
+        )
+        self.peak_load = np.clip(self.base * (1.0 + self.diurnal_amp) / 100.0, 0.01, 1.0)  # nominal weekday peak, 0-1
         self.level = np.ones(n_vms)
         self.burst_left_s = np.zeros(n_vms)
         self.burst_amp = np.zeros(n_vms)
@@ -120,7 +166,11 @@ class Fleet:
         load = cpu / 100.0
         mem_frac = np.clip(self.mem_idle + self.mem_load * load + rng.normal(0.0, 0.01, n), 0.05, 0.98)
         mem_used = self.mem_total_mb * mem_frac
-        dirty = self.dirty_per_gib * (self.mem_total_mb / 1024.0) * load**1.3 * rng.lognormal(0.0, 0.15, n)
+        wss = self.wss_frac * mem_used
+        light = self.dirty_per_gib * (self.mem_total_mb / 1024.0) * load**1.3
+        heavy = self.heavy_peak_dirty * np.minimum(load / self.peak_load, HEAVY_BURST_MAX) ** HEAVY_LOAD_EXPONENT
+        dirty = np.where(self.write_heavy, heavy, light) * rng.lognormal(0.0, 0.15, n)
+        dirty = np.minimum(dirty, np.minimum(wss / WSS_CALC_S, DIRTY_MAX_MBPS))  # distinct pages fit the working set
         io = rng.lognormal(0.0, 0.3, (4, n))
         act = 0.1 + load
         return FleetSample(
@@ -128,7 +178,7 @@ class Fleet:
             mem_total_mb=self.mem_total_mb.copy(), mem_used_mb=mem_used, dirty_mbps=dirty,
             net_rx_kbps=self.net_kbps * act * io[0], net_tx_kbps=self.net_kbps * 0.7 * act * io[1],
             disk_read_kbps=self.disk_kbps * act * io[2], disk_write_kbps=self.disk_kbps * 0.5 * act * io[3],
-            vcpus=self.vcpus.copy(),
+            vcpus=self.vcpus.copy(), wss_mb=wss,
         )
 
 

@@ -36,6 +36,17 @@ def test_a_converging_pause_never_exceeds_the_limit_plus_the_resume_cost():
     assert (pc.duration_s[~conv] == LINK.timeout_s).all()
 
 
+@pytest.mark.parametrize("limit_ms", [10.0, 30.0, 50.0, 80.0])
+def test_a_limit_below_the_stop_gap_still_bounds_the_pause(limit_ms: float) -> None:
+    link = QemuLink(limit_ms=limit_ms, efficiency=0.96, gap_ms=65.0, resume_ms=20.0, timeout_s=60.0)
+    rng = np.random.default_rng(5)
+    dirty = rng.uniform(0, 0.9 * B, 2000)
+    pc = qemu_precopy(np.full(2000, 256.0), dirty, np.full(2000, B), np.full(2000, 128.0), link, np)
+    conv = pc.converged
+    assert conv.mean() > 0.5
+    assert (pc.downtime_ms[conv] <= limit_ms + link.resume_ms + 1e-3).all(), "pending bytes at the stop never exceed the threshold"
+
+
 def test_dirtying_at_the_link_rate_never_converges_unless_the_working_set_fits_the_gap():
     assert not bool(run(256.0, 1.2 * B, wss=64.0).converged)
     tiny = run(256.0, 1.2 * B, wss=B * LINK.efficiency * 0.3)  # the working set is inside the bytes left for the pause
