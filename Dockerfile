@@ -17,6 +17,8 @@ COPY sim ./sim
 COPY bench ./bench
 COPY lab ./lab
 COPY agent ./agent
+COPY api ./api
+COPY drain ./drain
 RUN pip install . && useradd --create-home --uid 10001 zhuge && mkdir -p /data && chown zhuge /data
 
 USER zhuge

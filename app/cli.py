@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from app.commands import agent, bench, demo, lab, models, produce, query, services, worker
+from app.commands import agent, api, bench, demo, lab, models, produce, query, services, worker
 from app.settings import Settings
 
 cli = typer.Typer(
@@ -40,7 +40,7 @@ def _global_options(
         raise typer.BadParameter(str(exc)) from exc
 
 
-for area in (services, produce, worker, query, models, bench, demo, lab, agent):
+for area in (services, produce, worker, query, api, models, bench, demo, lab, agent):
     area.register(cli)
 
 

@@ -124,6 +124,15 @@ class Settings:
     migration_on_timeout: str = _doc("abort (the guest stays where it is) or force (pause it and copy the rest)", default="abort")
     max_rounds: int = _doc("classic model: maximum pre-copy rounds before forcing the stop-and-copy", default=30)
     resume_ms: float = _doc("fixed cost of the pause beyond the copy (device state, resume, data in flight), ms", default=20.0)
+    # --- web service (zhuge api) and drain plans ------------------------------
+    api_host: str = _doc("address `zhuge api` listens on (not loopback: ZHUGE_API_TOKEN is required)", default="127.0.0.1")
+    api_port: int = _doc("port of `zhuge api`", default=8000)
+    api_token: str = _doc(
+        "bearer token `zhuge api` requires on /v1/* (empty: none, allowed on loopback only)", default="", repr=False
+    )
+    drain_slot_s: int = _doc("time grid of drain plans, seconds (a migration occupies whole slots)", default=60)
+    drain_max_concurrent: int = _doc("default number of migrations a drain plan runs at once on a host", default=2)
+    drain_time_limit_s: float = _doc("longest the drain planner's solver searches, seconds", default=10.0)
     # --- models, storage, ops -----------------------------------------------
     model_store: str = _doc("fsspec URL of the model store (local dir or s3://bucket/prefix)", default=".zhuge/models")
     history_url: str = _doc("fsspec URL of the Parquet history archive", default=".zhuge/history")
@@ -198,6 +207,10 @@ class Settings:
             raise ValueError(f"redis_ttl_s ({self.redis_ttl_s}) must exceed vm_ttl_s ({self.vm_ttl_s})")
         if self.history_flush_rows < 1 or self.history_flush_s <= 0 or self.history_buffer_rows < self.history_flush_rows:
             raise ValueError("history_flush_rows >= 1, history_flush_s > 0 and history_buffer_rows >= history_flush_rows")
+        if not 0 < self.api_port < 65536 or self.drain_slot_s <= 0 or self.drain_max_concurrent < 1:
+            raise ValueError("api_port must be 1..65535, drain_slot_s > 0 and drain_max_concurrent >= 1")
+        if self.drain_time_limit_s <= 0:
+            raise ValueError("drain_time_limit_s must be positive")
         tls_files = (self.redis_ssl_cafile, self.redis_ssl_certfile, self.redis_ssl_keyfile)
         if any(tls_files) and not self.redis_url.startswith("rediss://"):
             raise ValueError("ZHUGE_REDIS_SSL_* need a rediss:// URL (TLS)")
@@ -281,7 +294,7 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
 
-SECRET_FIELDS = frozenset({"kafka_sasl_password", "redis_password"})
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "redis_password", "api_token"})
 
 
 def redact_url(url: str) -> str:

@@ -4,7 +4,8 @@
 # openssl (the local CA of a TLS stack), Prometheus (the dashboard-query test) and the
 # QEMU lab's parts: qemu-system-x86, a Debian kernel for the guests (linux-image-cloud-amd64),
 # busybox-static, iproute2 (network namespaces, tc) and a C compiler with static libc (the
-# guest workload).
+# guest workload); Chromium and its WebDriver (the web page's browser test) and wrk (the
+# API's load test).
 # Debian/Ubuntu (apt-get); used by `make install` (so `make demo` / `make test` on a
 # fresh machine) and by .ci/run.
 set -euo pipefail
@@ -21,6 +22,9 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v tc >/dev/null || need+=(iproute2)
 command -v cc >/dev/null || need+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+command -v wrk >/dev/null || need+=(wrk)
 [ "${#need[@]}" -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
   echo "please install: ${need[*]} (no apt-get here)" >&2

@@ -35,8 +35,9 @@ import numpy as np
 
 from gpu_kernels.downtime import PrecopyParams, p_ok, precopy_with
 from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, build_features
-from gpu_kernels.window import WINDOW_RULES, WindowPolicy, best_window, recommended_window, window_min
+from gpu_kernels.window import WINDOW_RULES, WindowPolicy, best_window, recommended_window, window_max, window_min
 from gpu_kernels.xp import to_numpy
+from streams.curve import encode_curves
 from streams.scores import ScoreBatch
 
 BW_FLOOR_FRACTION = 0.1
@@ -101,6 +102,7 @@ def score_windows(
     downtime_factor: Any = None,
     pred: Any = None,
     policy: WindowPolicy | None = None,
+    with_curve: bool = False,
 ) -> dict[str, np.ndarray]:
     """The scoring kernel for one chunk of VMs; returns host (NumPy) columns named as ``ScoreBatch``'s.
 
@@ -109,7 +111,9 @@ def score_windows(
     predicted downtime (None: uncorrected). ``pred``: the chunk's forecast from
     :func:`forecast_grid` when the caller has it cached (None: computed here).
     ``policy``: what the recommended window (``best_*``) must meet (None:
-    ``WindowPolicy()``, the settings' defaults).
+    ``WindowPolicy()``, the settings' defaults). ``with_curve``: also return
+    ``curve_downtime_ms`` (k, T), the window value of every start slot (what
+    ``streams.curve`` stores), and ``mem_mb`` (k,), the memory the model copied.
     """
     last_slot = xp.asarray(attrs["last_slot"], dtype=xp.int64)
     k = int(last_slot.shape[0])
@@ -158,7 +162,13 @@ def score_windows(
 
     best_begin, best_end, best_p = window(start)
     min_begin, min_end, min_p = window(min_start)
-    return {
+    curve = {}
+    if with_curve:
+        curve = {
+            "curve_downtime_ms": to_numpy(window_max(xp.where(xp.isnan(downtime), xp.inf, downtime), dur_slots, xp)),
+            "mem_mb": to_numpy(mem[:, 0]),
+        }
+    return curve | {
         "best_start": to_numpy(best_begin),
         "best_end": to_numpy(best_end),
         "best_downtime_ms": to_numpy(value.astype(xp.float32)),
@@ -182,7 +192,8 @@ class Scorer:
     per chunk so a concurrent update never splits a chunk. ``tol_ms``: ties of
     the strict minimum (``min_*``); the recommended window (``best_*``) follows
     the settings' ``window_tolerance_ms``, ``window_tolerance_rel`` and
-    ``window_min_p_ok``.
+    ``window_min_p_ok``. ``curves``: attach each VM's ``streams.curve`` blob to the
+    batch (what ``zhuge api`` and the drain planner read).
     """
 
     def __init__(
@@ -193,8 +204,10 @@ class Scorer:
         chunk_vms: int = 32768,
         tol_ms: float = 1.0,
         correction: Any = None,
+        curves: bool = True,
     ) -> None:
         self.settings = settings
+        self.curves = curves
         self.model_provider = model_provider
         self.xp = xp
         self.device = "cpu" if xp is np else "gpu"
@@ -250,15 +263,24 @@ class Scorer:
         vms: list[str] = []
         hosts: list[str] = []
         last_ts: list[np.ndarray] = []
+        curves: list[bytes] = []
         for i in range(0, len(rows), self.chunk_vms):
             chunk = rows[i : i + self.chunk_vms]
             attrs = store.attrs(chunk)
             others = store.host_traffic_mbps(chunk, exclude_self=True)
             pred = self._forecast(store, chunk, attrs, model)
+            factor = self._factor(attrs["host"])
             out = score_windows(
                 None, attrs, self.xp.asarray(others), model, self.params, s.horizon_slots, s.slot_s,
-                self.xp, self.device, self.tol_ms, self._factor(attrs["host"]), pred, self.policy,
+                self.xp, self.device, self.tol_ms, factor, pred, self.policy, with_curve=self.curves,
             )  # fmt: skip
+            if self.curves:
+                t0 = (np.asarray(attrs["last_slot"], dtype=np.float64) + 1) * s.slot_s
+                wss = attrs.get("wss_mb")
+                curves += encode_curves(
+                    t0, s.slot_s, out.pop("curve_downtime_ms"), model.horizons, to_numpy(pred), out.pop("mem_mb"),
+                    None if wss is None else to_numpy(wss), factor,
+                )  # fmt: skip
             for name, a in out.items():
                 cols.setdefault(name, []).append(a)
             vms += attrs["vm"]
@@ -277,4 +299,5 @@ class Scorer:
             last_ts=np.concatenate(last_ts).astype(np.float64) if last_ts else np.zeros(0),
             model=str(model.version),
             updated=float(now),
+            curves=curves if self.curves else None,
         )

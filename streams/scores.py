@@ -56,6 +56,7 @@ class ScoreBatch:
     last_ts: np.ndarray  # float64 epoch s of the newest sample used
     model: str  # model version that produced the batch
     updated: float  # epoch s when the batch was scored
+    curves: list[bytes] | None = None  # per VM, the ``streams.curve`` blob (None: not stored)
 
     def __len__(self) -> int:
         return len(self.vm)

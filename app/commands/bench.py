@@ -10,7 +10,7 @@ import typer
 
 from app.context import settings_of
 
-bench_app = typer.Typer(help="Benchmarks (scoring kernel, pipeline end to end).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (scoring kernel, pipeline end to end, HTTP API).", no_args_is_help=True)
 
 
 def score(
@@ -81,8 +81,38 @@ def pipeline(
         )
 
 
+def api(
+    ctx: typer.Context,
+    vms: int = typer.Option(10_000, "--vms", min=1, help="VMs in the simulated fleet (one day scored first)"),
+    hosts: int = typer.Option(200, "--hosts", min=1, help="hosts of the fleet"),
+    rate: float = typer.Option(2000.0, "--rate", min=1.0, help="requests/s offered in the paced phase"),
+    duration_s: float = typer.Option(20.0, "--seconds", min=1.0, help="duration of each wrk phase"),
+    connections: int = typer.Option(20, "--connections", min=1, help="wrk connections"),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="where worker and API logs go (default: a temp dir)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON line"),
+) -> None:
+    """Latency and throughput of GET /v1/vms/{vm} under wrk: a paced phase at --rate, then saturated.
+
+    Starts Kafka and/or Redis when they do not answer (and stops exactly those), a worker and
+    `zhuge api` of its own, with its own topics and Redis prefix (removed at the end).
+    """
+    from app import services
+    from bench.api_load import format_api_bench, run_api_bench
+
+    settings = settings_of(ctx)
+    started = services.not_answering(settings)
+    if started:
+        services.up(settings, echo=lambda m: typer.echo(m, err=True), only=started)
+    try:
+        result = run_api_bench(settings, vms, hosts, rate, duration_s, connections, workdir)
+    finally:
+        if started:
+            services.down(settings, echo=lambda m: typer.echo(m, err=True), only=started)
+    typer.echo(json.dumps(result) if as_json else format_api_bench(result))
+
+
 #: The `bench` sub-app's commands, (name, function): add new benchmarks here.
-COMMANDS: list[tuple[str, Callable[..., None]]] = [("score", score), ("pipeline", pipeline)]
+COMMANDS: list[tuple[str, Callable[..., None]]] = [("score", score), ("pipeline", pipeline), ("api", api)]
 
 
 def register(cli: typer.Typer) -> None:

@@ -8,7 +8,12 @@ Layout (DESIGN.md contract, prefix default ``zhuge:``):
   model, last_ts, updated, host (``streams.scores`` says what each means)
 - ``<prefix>rank:now`` sorted set: vm -> predicted downtime if migrated now (ms)
 - ``<prefix>rank:window`` sorted set: vm -> best_start (the recommended window)
+- ``<prefix>rank:best`` sorted set: vm -> best_downtime_ms (the recommended window's pause;
+  ``zhuge api``'s fleet counts are two ZCOUNTs)
+- ``<prefix>curve:<vm>`` string: the VM's downtime per future slot and forecast
+  (``streams.curve``), written with its score, same TTL
 - ``<prefix>host:<host>`` set of vm ids (a VM that moves is removed from the old set)
+- ``<prefix>hosts`` set of host names (``prune`` drops those whose set is gone)
 
 Redis holds the VMs that are alive: every write refreshes a TTL
 (``redis_ttl_s``) on the VM's hash and its host set; a worker that evicts a VM
@@ -40,7 +45,8 @@ CHUNK_VMS = 1000  # VMs per EVALSHA: one ~150 KB JSON argument, a ~10 ms script 
 CHUNKS_PER_PIPELINE = 5  # pipeline of up to 5k VMs per round trip
 
 # ARGV: prefix, model, updated, then ONE JSON array of strings holding, per VM,
-# the _PACKED fields in that order (the script's step and a[i + j] offsets follow it).
+# the _PACKED fields in that order (the script's step and a[i + j] offsets follow it),
+# the TTL, then optionally one binary curve per VM of the chunk (ARGV[6 ..], in VM order).
 # One packed argument instead of 8 per VM cut a 10k-VM write from ~0.6 s to
 # ~0.15 s (client-side argument encoding dominated); numbers travel as strings
 # so Lua never rounds them (its tostring keeps only 14 digits).
@@ -57,7 +63,8 @@ _WRITE_LUA = """
 local prefix, model, updated = ARGV[1], ARGV[2], ARGV[3]
 local a = cjson.decode(ARGV[4])
 local ttl = tonumber(ARGV[5])
-local rank_now, rank_window = prefix .. 'rank:now', prefix .. 'rank:window'
+local rank_now, rank_window, rank_best = prefix .. 'rank:now', prefix .. 'rank:window', prefix .. 'rank:best'
+local with_curves = #ARGV > 5
 local written, skipped = 0, 0
 for i = 1, #a, 15 do
   local vm, host, last_ts = a[i], a[i + 1], a[i + 2]
@@ -78,6 +85,10 @@ for i = 1, #a, 15 do
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', rank_now, a[i + 6], vm)
     redis.call('ZADD', rank_window, a[i + 3], vm)
+    redis.call('ZADD', rank_best, a[i + 5], vm)
+    if with_curves then
+      redis.call('SET', prefix .. 'curve:' .. vm, ARGV[6 + (i - 1) / 15], 'EX', ttl)
+    end
     local old_host = old[2]
     if old_host and old_host ~= host then
       redis.call('SREM', prefix .. 'host:' .. old_host, vm)
@@ -85,6 +96,8 @@ for i = 1, #a, 15 do
     if host ~= '' then
       redis.call('SADD', prefix .. 'host:' .. host, vm)
       redis.call('EXPIRE', prefix .. 'host:' .. host, ttl)
+      redis.call('SADD', prefix .. 'hosts', host)
+      redis.call('EXPIRE', prefix .. 'hosts', ttl)
     end
     written = written + 1
   end
@@ -106,6 +119,8 @@ for i = 1, #a, 2 do
   if not old_ts or old_ts <= last_ts then
     redis.call('ZREM', prefix .. 'rank:now', vm)
     redis.call('ZREM', prefix .. 'rank:window', vm)
+    redis.call('ZREM', prefix .. 'rank:best', vm)
+    redis.call('DEL', prefix .. 'curve:' .. vm)
     if old[2] and old[2] ~= '' then
       redis.call('SREM', prefix .. 'host:' .. old[2], vm)
     end
@@ -173,7 +188,8 @@ class RedisSink:
         flat: list[Any] = [None] * (PER_VM * (hi - lo))
         for j, name in enumerate(_PACKED):
             flat[j::PER_VM] = cols[name][lo:hi]  # interleave columns without a per-VM Python loop
-        return [self.prefix, batch.model, repr(float(batch.updated)), _ENCODE(flat), str(self.ttl_s)]
+        argv = [self.prefix, batch.model, repr(float(batch.updated)), _ENCODE(flat), str(self.ttl_s)]
+        return argv + batch.curves[lo:hi] if batch.curves is not None else argv
 
     async def write(self, batch: ScoreBatch) -> int:
         """Write the batch; returns how many VMs were written (stale ones skipped)."""
@@ -184,8 +200,9 @@ class RedisSink:
         n = len(batch)
         if n == 0:
             return WriteResult(0, 0)
-        if len(batch.host) != n:
-            raise ValueError(f"ScoreBatch has {n} VMs but {len(batch.host)} hosts")
+        if len(batch.host) != n or (batch.curves is not None and len(batch.curves) != n):
+            raise ValueError(f"ScoreBatch has {n} VMs but {len(batch.host)} hosts and "
+                             f"{'no' if batch.curves is None else len(batch.curves)} curves")  # fmt: skip
         cols: dict[str, list[str]] = {
             "vm": batch.vm,
             "host": batch.host,
@@ -247,13 +264,21 @@ class RedisSink:
         steps rather than one long one.
         """
         removed = 0
-        for rank in ("rank:now", "rank:window"):
+        for rank in ("rank:now", "rank:window", "rank:best"):
             key = self.prefix + rank
             async for chunk in _chunks(self.client.zscan_iter(key, count=count), count):
                 removed += int(await self._prune(keys=[key], args=[self.prefix, "z", *(m for m, _ in chunk)]))
-        async for host_key in self.client.scan_iter(match=_glob_escape(self.prefix) + "host:*", count=count):
+        async for host_key in self.client.scan_iter(match=glob_escape(self.prefix) + "host:*", count=count):
             async for chunk in _chunks(self.client.sscan_iter(host_key, count=count), count):
                 removed += int(await self._prune(keys=[host_key], args=[self.prefix, "s", *chunk]))
+        hosts_key = self.prefix + "hosts"
+        async for chunk in _chunks(self.client.sscan_iter(hosts_key, count=count), count):
+            pipe = self.client.pipeline(transaction=False)
+            for host in chunk:
+                pipe.exists(self.prefix + "host:" + (host.decode() if isinstance(host, bytes) else host))
+            gone = [h for h, alive in zip(chunk, await pipe.execute()) if not alive]
+            if gone:
+                await self.client.srem(hosts_key, *gone)
         return removed
 
 
@@ -269,12 +294,12 @@ async def _chunks(items: Any, size: int) -> Any:
         yield chunk
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
     """``text`` as a literal inside a Redis SCAN MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def _decode_hash(vm: str, raw: dict[Any, Any]) -> dict[str, Any]:
+def decode_hash(vm: str, raw: dict[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"vm": vm}
     for k, v in raw.items():
         key = k.decode() if isinstance(k, bytes) else k
@@ -286,7 +311,7 @@ def _decode_hash(vm: str, raw: dict[Any, Any]) -> dict[str, Any]:
 async def read_vm(client: Any, prefix: str, vm: str) -> dict[str, Any] | None:
     """The VM's score hash with numbers as floats, or None when the VM is unknown."""
     raw = await client.hgetall(f"{prefix}vm:{vm}")
-    return _decode_hash(vm, raw) if raw else None
+    return decode_hash(vm, raw) if raw else None
 
 
 async def top(client: Any, prefix: str, n: int, host: str | None = None) -> list[dict[str, Any]]:
@@ -308,4 +333,4 @@ async def top(client: Any, prefix: str, n: int, host: str | None = None) -> list
     for vm in vms:
         pipe.hgetall(f"{prefix}vm:{vm}")
     hashes = await pipe.execute()
-    return [_decode_hash(vm, raw) for vm, raw in zip(vms, hashes) if raw]
+    return [decode_hash(vm, raw) for vm, raw in zip(vms, hashes) if raw]

@@ -95,3 +95,19 @@ def unique_topic_settings(settings: Settings, tag: str) -> Settings:
 @pytest.fixture
 def unique_topics(services: Settings, request: pytest.FixtureRequest) -> Settings:
     return unique_topic_settings(services, request.node.name)
+
+
+@pytest.fixture(scope="session")
+def api_fleet(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A worker that scored a simulated day of 60 VMs on 2 hosts, and ``zhuge api`` over its Redis (processes)."""
+    from tests.integration.api_support import start_api_fleet
+    from tests.integration.worker_support import isolated_worker_settings
+
+    tmp = tmp_path_factory.mktemp("api-fleet")
+    settings = isolated_worker_settings(unique_topic_settings(services, "api"), tmp, partitions=4)
+    worker, fleet = start_api_fleet(settings, tmp)
+    try:
+        yield fleet
+    finally:
+        fleet.api.stop()
+        worker.stop()

@@ -1,0 +1,118 @@
+"""Reads of what the workers wrote to Redis, shaped for the HTTP API (``streams.sinks.redis_sink`` layout)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from streams.curve import Curve, decode_curve
+from streams.sinks.redis_sink import decode_hash, read_vm, top
+
+# the VM score object of the API (the hash's fields, in this order)
+SCORE_FIELDS = (
+    "vm", "host", "now_downtime_ms", "now_p_ok", "now_total_s", "best_start", "best_end", "best_downtime_ms", "p_ok",
+    "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "model", "last_ts", "updated",
+)  # fmt: skip
+
+
+def score_object(row: dict[str, Any]) -> dict[str, Any]:
+    """A decoded score hash as the API's VM score object: contract fields only, non-finite numbers as null."""
+    out: dict[str, Any] = {}
+    for name in SCORE_FIELDS:
+        value = row.get(name)
+        out[name] = None if isinstance(value, float) and not math.isfinite(value) else value
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class ScoreReads:
+    """The API's view of Redis: one client, one key prefix."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
+
+    async def vm(self, vm: str) -> dict[str, Any] | None:
+        """The VM's score object, or None when Redis has no score for it."""
+        row = await read_vm(self.client, self.prefix, vm)
+        return None if row is None else score_object(row)
+
+    async def vm_with_curve(self, vm: str) -> tuple[dict[str, Any] | None, Curve | None]:
+        """Score and curve in one round trip (a VM scored by a worker without curves has none)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(f"{self.prefix}vm:{vm}")
+        pipe.get(f"{self.prefix}curve:{vm}")
+        raw, blob = await pipe.execute()
+        if not raw:
+            return None, None
+        return score_object(decode_hash(vm, raw)), decode_curve(blob) if blob else None
+
+    async def candidates(self, n: int, host: str | None = None) -> list[dict[str, Any]]:
+        """The ``n`` best VMs to migrate now (lowest predicted downtime), optionally on one host."""
+        return [score_object(r) for r in await top(self.client, self.prefix, n, host)]
+
+    async def host_vms(self, host: str) -> list[str]:
+        """VM ids of the host's set, sorted."""
+        return sorted(_text(m) for m in await self.client.smembers(f"{self.prefix}host:{host}"))
+
+    async def host_scores(self, host: str) -> list[dict[str, Any]]:
+        """Every VM of the host with its score, best (lowest downtime now) first."""
+        vms = await self.host_vms(host)
+        rows = await top(self.client, self.prefix, len(vms), host) if vms else []
+        return [score_object(r) for r in rows]
+
+    async def host_curves(self, host: str) -> tuple[list[dict[str, Any]], dict[str, Curve]]:
+        """The host's score objects and the curves of those that have one."""
+        rows = await self.host_scores(host)
+        if not rows:
+            return [], {}
+        blobs = await self.client.mget([f"{self.prefix}curve:{r['vm']}" for r in rows])
+        return rows, {r["vm"]: decode_curve(b) for r, b in zip(rows, blobs) if b}
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        """Every host with scored VMs and how many (``<prefix>hosts``; an expired host set reads 0 and is left out)."""
+        names = sorted(_text(h) for h in await self.client.smembers(f"{self.prefix}hosts"))
+        if not names:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for host in names:
+            pipe.scard(f"{self.prefix}host:{host}")
+        sizes = await pipe.execute()
+        return [{"host": h, "vms": int(n)} for h, n in zip(names, sizes) if n]
+
+    async def fleet(self, target_ms: float) -> dict[str, Any]:
+        """How many VMs fit the target now, only at their recommended window, not at all (two ZCOUNTs).
+
+        One MULTI so the counts add up to ``vms`` even while workers write.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zcard(f"{self.prefix}rank:now")
+        pipe.zcount(f"{self.prefix}rank:now", "-inf", target_ms)
+        pipe.zcount(f"{self.prefix}rank:best", "-inf", target_ms)
+        pipe.scard(f"{self.prefix}hosts")
+        total, now_ok, best_ok, hosts = (int(v) for v in await pipe.execute())
+        return {
+            "vms": total,
+            "hosts": hosts,
+            "target_ms": target_ms,
+            "now_within_target": now_ok,
+            "window_within_target": max(best_ok - now_ok, 0),
+            "not_at_all": max(total - max(best_ok, now_ok), 0),
+        }
+
+    async def stored_plan(self, host: str) -> dict[str, Any] | None:
+        import msgspec
+
+        raw = await self.client.get(f"{self.prefix}drain:{host}")
+        return None if raw is None else msgspec.json.decode(raw)
+
+    async def store_plan(self, plan: dict[str, Any], ttl_s: int) -> None:
+        import msgspec
+
+        await self.client.set(f"{self.prefix}drain:{plan['host']}", msgspec.json.encode(plan), ex=ttl_s)
