@@ -24,10 +24,10 @@ class ApiProcess:
     log_path: Path
 
     @classmethod
-    def start(cls, settings: Settings, log_path: Path, timeout_s: float = 30.0) -> ApiProcess:
+    def start(cls, settings: Settings, log_path: Path, timeout_s: float = 30.0, workers: int = 1) -> ApiProcess:
         port = free_port()
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port), "--workers", str(workers)],
                                 env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         api = cls(proc, f"http://127.0.0.1:{port}", log_path)
@@ -66,10 +66,14 @@ class ApiProcess:
         return self.request("GET", path, token=token)
 
     def stop(self) -> None:
+        """SIGTERM to the process group (uvicorn's worker processes too), SIGKILL after 10 s."""
+        import os
+        import signal
+
         if self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)

@@ -82,8 +82,22 @@ def run_wrk(url: str, vms: list[str], connections: int, duration_s: float, delay
     return {"connections": connections, "delay_ms": delay_ms, "duration_s": duration_s, **parse_wrk(proc.stdout)}
 
 
+def pacing_delay(url: str, vms: list[str], connections: int, rate: float, probe_s: float = 3.0) -> float:
+    """The per-connection delay that offers about ``rate`` requests/s, from one short probe.
+
+    Each connection does one request per ``delay + latency``; the probe measures
+    the latency part at a first guess (``connections / rate``) and the delay is
+    corrected by it.
+    """
+    first = connections * 1000.0 / rate
+    probe = run_wrk(url, vms, connections, probe_s, first)
+    latency_ms = max(connections * 1000.0 / max(probe["requests_per_s"], 1e-9) - first, 0.0)
+    return max(first - latency_ms, 0.0)
+
+
 def run_api_bench(
     settings: Any, vms: int, hosts: int, rate: float, duration_s: float, connections: int, workdir: str | None,
+    api_workers: int = 1,
 ) -> dict[str, Any]:
     """Worker + a simulated day of ``vms`` VMs + ``zhuge api``, then the paced and the saturated wrk phases."""
     import asyncio
@@ -114,9 +128,9 @@ def run_api_bench(
                              period_s=period, realtime=False, batched=True, seed=0, topic=settings.topic_metrics))  # fmt: skip
         ids = [str(v) for v in vm_ids(vms)]
         _wait_scored(settings, ids, timeout_s=300)
-        api = ApiProcess.start(settings, tmp / "api.log")
+        api = ApiProcess.start(settings, tmp / "api.log", workers=api_workers)
         run_wrk(api.url, ids, connections, 2.0)  # warm-up: connections, first decodes
-        delay_ms = max(connections * 1000.0 / rate - 1.0, 0.0)  # minus about a request's own latency
+        delay_ms = pacing_delay(api.url, ids, connections, rate)
         paced = run_wrk(api.url, ids, connections, duration_s, delay_ms)
         saturated = run_wrk(api.url, ids, connections, duration_s)
     finally:
@@ -128,6 +142,7 @@ def run_api_bench(
         "machine": f"{platform.node()} ({platform.machine()}, {_cores()} cores)",
         "tool": "wrk -t1 (Debian), loopback",
         "vms": vms,
+        "api_workers": api_workers,
         "target_rate": rate,
         "paced": paced,
         "saturated": saturated,
@@ -172,7 +187,8 @@ def _cores() -> int:
 
 
 def format_api_bench(result: dict[str, Any]) -> str:
-    lines = [f"GET /v1/vms/{{vm}} over {result['vms']:,} VMs, {result['tool']}, {result['machine']}"]
+    lines = [f"GET /v1/vms/{{vm}} over {result['vms']:,} VMs, {result['api_workers']} API process(es), {result['tool']}, "
+             f"{result['machine']}"]
     for phase in ("paced", "saturated"):
         r = result[phase]
         lines.append(

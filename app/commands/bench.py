@@ -87,7 +87,8 @@ def api(
     hosts: int = typer.Option(200, "--hosts", min=1, help="hosts of the fleet"),
     rate: float = typer.Option(2000.0, "--rate", min=1.0, help="requests/s offered in the paced phase"),
     duration_s: float = typer.Option(20.0, "--seconds", min=1.0, help="duration of each wrk phase"),
-    connections: int = typer.Option(20, "--connections", min=1, help="wrk connections"),
+    connections: int = typer.Option(40, "--connections", min=1, help="wrk connections"),
+    api_workers: int = typer.Option(1, "--api-workers", min=1, help="uvicorn worker processes of the API"),
     workdir: Optional[str] = typer.Option(None, "--workdir", help="where worker and API logs go (default: a temp dir)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON line"),
 ) -> None:
@@ -104,7 +105,7 @@ def api(
     if started:
         services.up(settings, echo=lambda m: typer.echo(m, err=True), only=started)
     try:
-        result = run_api_bench(settings, vms, hosts, rate, duration_s, connections, workdir)
+        result = run_api_bench(settings, vms, hosts, rate, duration_s, connections, workdir, api_workers)
     finally:
         if started:
             services.down(settings, echo=lambda m: typer.echo(m, err=True), only=started)
