@@ -26,7 +26,11 @@ from streams.curve import Curve
 
 
 class PlanRefused(ValueError):
-    """The request cannot be planned (unknown host, deadline beyond the forecast); the message says why."""
+    """The request cannot be planned (a deadline beyond the forecast, bad limits); the message says why."""
+
+
+class UnknownHost(PlanRefused):
+    """No scored VMs on that host."""
 
 
 def dirty_on_grid(curve: Curve, t0: float, slot_s: int, n_slots: int) -> np.ndarray:
@@ -43,6 +47,17 @@ def dirty_on_grid(curve: Curve, t0: float, slot_s: int, n_slots: int) -> np.ndar
         raise PlanRefused(f"the deadline is {starts[-1] + slot_s - horizon_end:.0f} s past the end of the forecast "
                           f"({len(q90) * curve.slot_s / 3600:.0f} h ahead of the newest sample): bring it closer")  # fmt: skip
     return np.maximum(np.nan_to_num(q90[np.clip(idx, 0, None)], nan=0.0), 0.0)
+
+
+def unusable(curves: dict[str, Curve]) -> dict[str, str]:
+    """VMs whose curve cannot be planned on, with why (the rest of the host still gets its plan)."""
+    out = {}
+    for vm, curve in curves.items():
+        if not (math.isfinite(curve.mem_mb) and curve.mem_mb > 0):
+            out[vm] = "memory size unknown (no mem_used_mb or mem_total_mb in its samples)"
+        elif not (math.isfinite(curve.factor) and curve.factor > 0):
+            out[vm] = f"invalid learned downtime factor {curve.factor}"
+    return out
 
 
 def build_problem(
@@ -74,13 +89,15 @@ async def plan_host_drain(
         raise PlanRefused(f"max_concurrent must be >= 1, got {max_concurrent}")
     rows, curves = await reads.host_curves(host)
     if not rows:
-        raise PlanRefused(f"no scored VMs on host {host!r} ({reads.prefix}host:{host} is empty or unknown)")
+        raise UnknownHost(f"no scored VMs on host {host!r} ({reads.prefix}host:{host} is empty or unknown)")
+    skipped = unusable(curves)
+    curves = {vm: c for vm, c in curves.items() if vm not in skipped}
     now = time.time() if now is None else float(now)
     problem = build_problem(host, curves, settings, now, deadline_s, max_concurrent)
     limit = settings.drain_time_limit_s if time_limit_s is None else time_limit_s
     plan = (await asyncio.to_thread(plan_drain, problem, limit)).to_json()
     plan["unplaced"] += [
-        {"vm": r["vm"], "reason": "no curve in Redis: scored by a worker that does not store curves"}
+        {"vm": r["vm"], "reason": skipped.get(r["vm"], "no curve in Redis: scored by a worker that does not store curves")}
         for r in rows if r["vm"] not in curves
     ]  # fmt: skip
     if store:

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from api.plans import PlanRefused, plan_host_drain
+from api.plans import PlanRefused, UnknownHost, plan_host_drain
 from api.reads import ScoreReads
 from app.settings import Settings
 
@@ -133,8 +133,9 @@ def create_app(settings: Settings, client: Any = None) -> FastAPI:
 
     @app.exception_handler(PlanRefused)
     async def refused(request: Request, exc: PlanRefused) -> Response:
-        status = 404 if str(exc).startswith("no scored VMs") else 422
-        return FastJSON({"error": "not_found" if status == 404 else "bad_request", "reason": str(exc)}, status_code=status)
+        if isinstance(exc, UnknownHost):
+            return FastJSON({"error": "not_found", "reason": str(exc)}, status_code=404)
+        return FastJSON({"error": "bad_request", "reason": str(exc)}, status_code=422)
 
     @app.exception_handler(OSError)
     async def redis_down(request: Request, exc: Exception) -> Response:

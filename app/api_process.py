@@ -24,8 +24,10 @@ class ApiProcess:
     log_path: Path
 
     @classmethod
-    def start(cls, settings: Settings, log_path: Path, timeout_s: float = 30.0, workers: int = 1) -> ApiProcess:
-        port = free_port()
+    def start(cls, settings: Settings, log_path: Path, timeout_s: float = 30.0, workers: int = 1,
+              port: int | None = None) -> ApiProcess:  # fmt: skip
+        """``zhuge api`` on ``port`` (default: a free one) on loopback, once ``/readyz`` answers 200."""
+        port = port or free_port()
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port), "--workers", str(workers)],
                                 env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT,

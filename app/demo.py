@@ -2,8 +2,9 @@
 
 Starts local Kafka and Redis when nothing answers at the configured addresses,
 backfills a day of a simulated fleet, keeps the simulator running in real time,
-runs a worker, and shows throughput, lag, model version and the best migration
-candidates until Ctrl-C (or ``--duration``), then stops everything it started.
+runs a worker and ``zhuge api`` (the web page, on ZHUGE_API_PORT when free), and
+shows throughput, lag, model version and the best migration candidates until
+Ctrl-C (or ``--duration``), then stops everything it started.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from app import services
 from app.settings import Settings
+from app.api_process import ApiProcess
 from app.worker_process import WorkerProcess, settings_env
 
 ZHUGE = [sys.executable, "-m", "app.cli"]
@@ -73,6 +75,17 @@ async def _poll_redis(settings: Settings) -> tuple[list[dict], int]:
         await client.aclose()
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None, console: Console) -> int:
     """Run the demo; returns the number of VMs with scores in Redis at the end."""
     env = settings_env(settings)
@@ -81,6 +94,7 @@ def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None
     started_services: list[str] = []
     simulator: subprocess.Popen | None = None
     worker: WorkerProcess | None = None
+    api: ApiProcess | None = None
     n_vms = 0
     try:
         missing = services.not_answering(settings)
@@ -101,6 +115,9 @@ def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None
         console.print("starting a worker (a bootstrap model is trained when the store is empty) ...")
         worker = WorkerProcess.start(settings, logs / "demo-worker.log", ready_timeout=180)
         console.print(f"worker logs: {worker.log_path}; metrics: http://127.0.0.1:{worker.metrics_port}/metrics")
+        port = settings.api_port if _port_free(settings.api_port) else None
+        api = ApiProcess.start(settings.replace(api_host="127.0.0.1"), logs / "demo-api.log", port=port)
+        console.print(f"[bold]web page and API: {api.url}/[/bold] (OpenAPI at {api.url}/docs)")
         started = time.monotonic()
         last = (time.monotonic(), 0.0)
         with Live(console=console, refresh_per_second=2) as live:
@@ -130,6 +147,8 @@ def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None
                 simulator.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(simulator.pid, signal.SIGKILL)
+        if api is not None:
+            api.stop()
         if worker is not None:
             worker.stop()
         if started_services:  # only what the demo started; a service that was already running stays
