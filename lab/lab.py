@@ -43,6 +43,7 @@ class LabPlan:
     guests: Sequence[qemu.GuestSpec] = (qemu.GuestSpec("vm1"), qemu.GuestSpec("vm2"))
     loads: dict[str, dict[str, Any]] | None = None  # guest -> load program (lab.load)
     clock: LabClock | None = None
+    placement: dict[str, str] | None = None  # guest -> host name ("h1"...); the others round-robin
 
 
 def check_tools() -> list[str]:
@@ -68,6 +69,9 @@ def up(state_dir: str, name: str, plan: LabPlan, echo: Echo = print) -> LabState
         problems = check_tools()
         if problems:
             raise LabError("\n".join(problems))
+        unknown = sorted(set((plan.placement or {}).values()) - {f"h{i}" for i in range(1, plan.hosts + 1)})
+        if unknown:
+            raise LabError(f"lab {name}: no host {', '.join(unknown)} (hosts h1..h{plan.hosts})")
         try:
             image = build_image()
         except ImageError as exc:
@@ -81,7 +85,7 @@ def up(state_dir: str, name: str, plan: LabPlan, echo: Echo = print) -> LabState
         try:
             names = sorted(hosts)
             for i, spec in enumerate(plan.guests):
-                host = hosts[names[i % len(names)]]
+                host = hosts[(plan.placement or {}).get(spec.name) or names[i % len(names)]]
                 process = qemu.launch(spec, host, image, folder / "guests" / spec.name, accel=accel)
                 guests[spec.name] = GuestState(spec, process, (plan.loads or {}).get(spec.name, {}))
             for g in guests.values():

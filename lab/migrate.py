@@ -114,11 +114,18 @@ def _first(events: list[tuple[str, float]], name: str) -> float | None:
 
 
 async def migrate(state_dir: str, lab: str, vm: str, to_host: str | None, policy: MigrationPolicy,
-                  port: int = 4444) -> MigrationOutcome:  # fmt: skip
+                  port: int = 4444, max_bandwidth_mbps: float | None = None) -> MigrationOutcome:  # fmt: skip
     """Live-migrate ``vm`` to ``to_host`` (default: the next host) and return what was measured.
 
     The lab state follows the guest: on completion it runs on the destination (the
     source QEMU is stopped); aborted or failed, it stays where it was.
+    ``max_bandwidth_mbps`` (MiB/s): QEMU's own ``max-bandwidth`` for this migration,
+    e.g. its share of the link in a drain (None: lifted, the host link limits).
+    Concurrent migrations (``lab.drain``) need distinct ``port`` numbers; the state
+    update at the end is one read-modify-write of this guest only, under the lab's
+    file lock and with no ``await`` inside, so concurrent tasks and processes
+    cannot lose each other's moves. Starting and stopping QEMU runs in a thread so
+    the other migrations' watch loops keep their pace.
     """
     folder = lab_dir(state_dir, lab)
     state = load(folder)
@@ -131,19 +138,20 @@ async def migrate(state_dir: str, lab: str, vm: str, to_host: str | None, policy
         raise MigrationError(f"cannot migrate {vm} from {src.host} to {dest_name!r}")
     source_host, dest_host = state.hosts[src.host], state.hosts[dest_name]
     dest_folder = Path(src.folder).parent / f"{vm}@{dest_name}-{int(time.time() * 1000)}"
-    dest = qemu.launch(guest.spec, dest_host, state.image, dest_folder, incoming_port=port, accel=state.accel)
+    dest = await asyncio.to_thread(qemu.launch, guest.spec, dest_host, state.image, dest_folder, incoming_port=port,
+                                   accel=state.accel)  # fmt: skip
     try:
         await qemu.wait_qmp(dest)
-        outcome = await _run(state, src, dest, source_host.link_mbit, policy)
+        outcome = await _run(state, src, dest, source_host.link_mbit, policy, max_bandwidth_mbps)
     except BaseException:
         qemu.stop(dest)
         raise
     if outcome.status == "completed":
-        qemu.stop(src)
-        with updating(folder) as st:
+        with updating(folder) as st:  # first: the guest runs on dest from here on, whatever stopping src takes
             st.guests[vm].process = dest
+        await asyncio.to_thread(qemu.stop, src)
     else:
-        qemu.stop(dest)
+        await asyncio.to_thread(qemu.stop, dest)
     return outcome
 
 
@@ -153,7 +161,7 @@ def _next_host(state: LabState, current: str) -> str:
 
 
 async def _run(state: LabState, src: qemu.GuestProcess, dest: qemu.GuestProcess, link_mbit: float,
-               policy: MigrationPolicy) -> MigrationOutcome:  # fmt: skip
+               policy: MigrationPolicy, max_bandwidth_mbps: float | None = None) -> MigrationOutcome:  # fmt: skip
     src_events: list[tuple[str, float]] = []
     dest_events: list[tuple[str, float]] = []
     trace: list[dict[str, Any]] = []
@@ -161,8 +169,9 @@ async def _run(state: LabState, src: qemu.GuestProcess, dest: qemu.GuestProcess,
         listeners = [asyncio.create_task(_events(s, src_events)), asyncio.create_task(_events(d, dest_events))]
         try:
             await s.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+            bandwidth = LIFTED_BANDWIDTH if max_bandwidth_mbps is None else max(1, int(max_bandwidth_mbps * 2**20))
             await s.execute("migrate-set-parameters",
-                            {"downtime-limit": int(policy.downtime_limit_ms), "max-bandwidth": LIFTED_BANDWIDTH})  # fmt: skip
+                            {"downtime-limit": int(policy.downtime_limit_ms), "max-bandwidth": bandwidth})  # fmt: skip
             start_lab, start_wall, t0 = state.clock.now(), time.time(), time.monotonic()
             await s.execute("migrate", {"uri": dest.incoming})
             info, forced = await _watch(s, policy, t0, trace)
