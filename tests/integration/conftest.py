@@ -99,12 +99,19 @@ def unique_topics(services: Settings, request: pytest.FixtureRequest) -> Setting
 
 @pytest.fixture(scope="session")
 def api_fleet(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A worker that scored a simulated day of 60 VMs on 2 hosts, and ``zhuge api`` over its Redis (processes)."""
+    """A worker that scored a simulated day of 60 VMs on 2 hosts, and ``zhuge api`` over its Redis (processes).
+
+    Session-scoped (one worker for the API and the page tests), on Redis database 1.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
     from tests.integration.api_support import start_api_fleet
     from tests.integration.worker_support import isolated_worker_settings
 
     tmp = tmp_path_factory.mktemp("api-fleet")
-    settings = isolated_worker_settings(unique_topic_settings(services, "api"), tmp, partitions=4)
+    # its own Redis database: the session outlives tests whose ``redis_client`` flushes database 0
+    own_db = urlunsplit(urlsplit(services.redis_url)._replace(path="/1"))
+    settings = isolated_worker_settings(unique_topic_settings(services, "api").replace(redis_url=own_db), tmp, partitions=4)
     worker, fleet = start_api_fleet(settings, tmp)
     try:
         yield fleet
