@@ -129,12 +129,16 @@ def test_migrating_at_the_recommended_window_beats_now_in_the_busy_phase(unique_
     from lab.qemu import GuestSpec
     from lab.state import LabClock, lab_dir, load
 
+    from lab.drain import REAL_TIME, LiveClock
+
     settings = _lab_settings(unique_topics, tmp_path)
     env = settings_env(settings)
     logs = tmp_path / "worker.log", tmp_path / "agent.log", tmp_path / "retrain.log"
-    # the lab clock: 3 days back, at 08:00 of that day (the busy phase starts), running 300x
+    # the lab clock: 3 days back, at 10:00 of that day (two hours into the busy phase), in real time
+    # while the worker boots and the model retrains (minutes of CPU on 2 cores: at 300x the agent's
+    # samples would leave lab hours of gaps the model never saw in its history), then 300x
     day = math.floor((time.time() - 3 * 86400) / 86400) * 86400
-    clock = LabClock(SPEED, day + BUSY_FROM, time.time())
+    clock = LabClock(REAL_TIME, day + BUSY_FROM + 2 * 3600, time.time())
     specs = [GuestSpec(name, ram_mb=512, mem_mb=64, wss_mb=48) for name in ("now-vm", "rec-vm")]
     lab_name = f"e2e{os.getpid() % 1000}"
     labmod.up(settings.state_dir, lab_name, labmod.LabPlan(2, 256.0, specs, {s.name: LOAD for s in specs}, clock))
@@ -161,7 +165,11 @@ def test_migrating_at_the_recommended_window_beats_now_in_the_busy_phase(unique_
             return {k.decode(): v.decode() for k, v in client.hgetall(f"{settings.redis_prefix}vm:{vm}").items()}
 
         _wait(lambda: all(score(vm).get("model") == model for vm in hosts), "live scores by the retrained model", 60, *logs)
-        now_lab = state.clock.now()
+        lab_clock = LiveClock(settings.state_dir, lab_name)
+        lab_clock.rebase(SPEED)
+        fast_from = lab_clock.now() + 600  # two slots on the 300x clock
+        _wait(lambda: all(float(score(vm)["last_ts"]) >= fast_from for vm in hosts), "scores on the 300x clock", 60, *logs)
+        now_lab = lab_clock.now()
         assert BUSY_FROM <= _lab_time_of_day(now_lab) < BUSY_TO - 3 * 3600, "the test must decide in the busy phase"
         rec = score("rec-vm")
         print(f"\nLAB-FIGURE scores at {_lab_time_of_day(now_lab) / 3600:.1f} h: now-vm {score('now-vm')}, rec-vm {rec}")
