@@ -1,14 +1,18 @@
 """In-memory stand-ins for crash/resume tests without a broker, as Bytewax's ``TestingSource`` is.
 
 ``ListPartitionLog`` is a ``streams.recovery.PartitionLog`` over a list of
-records: a recreated topic is a new list, retention is ``begin``.
+records: a recreated topic is a new list, retention is ``begin``;
+``store_differences`` compares two window stores bit for bit (a restored
+snapshot against the store it was taken from).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from gpu_kernels.xp import to_numpy
 from streams.recovery import LogRecord, record_crc
+from streams.window_store import WindowStore
 
 
 class ListPartitionLog:
@@ -39,3 +43,30 @@ class ListPartitionLog:
         if chunk:
             apply(chunk)
         return len(chunk)
+
+
+def store_differences(a: WindowStore, b: WindowStore, chunk: int = 8192) -> list[str]:
+    """What differs between two stores holding the same VMs, bit for bit (NaN == NaN); empty: equal.
+
+    Rows may be numbered differently (a restore renumbers them): VMs are matched by id.
+    """
+    if sorted(a.row_of) != sorted(b.row_of):
+        return ["VM ids"]
+    diffs = [attr for attr in ("n_slots", "slot_s", "ttl_s", "dropped_old", "hosts") if getattr(a, attr) != getattr(b, attr)]
+    vms = sorted(a.row_of)
+    ra, rb = a.rows_of(vms), b.rows_of(vms)
+    theirs = b._host_arrays()
+    for name, arr in a._host_arrays().items():
+        x, y = arr[ra], theirs[name][rb]
+        if x.dtype != y.dtype or x.tobytes() != y.tobytes():
+            diffs.append(name)
+    for name in ("sums", "counts"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x.dtype != y.dtype:
+            diffs.append(name)
+            continue
+        for lo in range(0, len(vms), chunk):  # without a second copy of the whole store
+            if to_numpy(x[a.xp.asarray(ra[lo : lo + chunk])]).tobytes() != to_numpy(y[b.xp.asarray(rb[lo : lo + chunk])]).tobytes():
+                diffs.append(name)
+                break
+    return diffs

@@ -10,7 +10,7 @@ import typer
 
 from app.context import settings_of
 
-bench_app = typer.Typer(help="Benchmarks (scoring kernel, pipeline end to end, HTTP API).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (scoring kernel, pipeline end to end, HTTP API, window snapshots).", no_args_is_help=True)
 
 
 def score(
@@ -112,8 +112,28 @@ def api(
     typer.echo(json.dumps(result) if as_json else format_api_bench(result))
 
 
+def snapshot(
+    ctx: typer.Context,
+    vms: int = typer.Option(100_000, "--vms", min=1, help="VMs in the one partition's window store"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="snapshots taken per path"),
+    path: list[str] = typer.Option(["periodic", "shutdown"], "--path", help="snapshot paths: periodic (end of a batch), shutdown (snapshot_all)"),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="where the snapshot files go (default: a temp dir, removed)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Event-loop stall, lock time, wall time, bytes and restore time of one partition's window snapshot."""
+    from bench.snapshot import format_snapshot_bench, run_snapshot_bench
+
+    bad = [p for p in path if p not in ("periodic", "shutdown")]
+    if bad:
+        raise typer.BadParameter(f"unknown path(s) {bad}; use periodic and/or shutdown", param_hint="--path")
+    result = run_snapshot_bench(settings_of(ctx), vms, repeats, path, workdir)
+    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_snapshot_bench(result))
+
+
 #: The `bench` sub-app's commands, (name, function): add new benchmarks here.
-COMMANDS: list[tuple[str, Callable[..., None]]] = [("score", score), ("pipeline", pipeline), ("api", api)]
+COMMANDS: list[tuple[str, Callable[..., None]]] = [
+    ("score", score), ("pipeline", pipeline), ("api", api), ("snapshot", snapshot),
+]
 
 
 def register(cli: typer.Typer) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,8 +12,12 @@ import pytest
 
 from gpu_kernels.downtime import dirty_rate_proxy
 from gpu_kernels.features import WINDOW_CHANNELS
+from streams.recovery import SnapshotStore
 from streams.schema import METRICS
-from streams.window_store import WindowStore, derive_channels
+from streams.testing import store_differences
+from streams.window_store import SNAPSHOT_VERSION, WindowStore, derive_channels
+
+DATA = Path(__file__).resolve().parent / "data"
 
 SLOT = 300
 M = {n: i for i, n in enumerate(METRICS)}
@@ -169,6 +175,82 @@ def test_snapshot_round_trips_through_npz_without_pickle():
     assert a1["host"] == a2["host"]
     np.testing.assert_array_equal(a1["last_ts"], a2["last_ts"])
     np.testing.assert_allclose(store.host_traffic_mbps(store.rows_of(names)), back.host_traffic_mbps(back.rows_of(names)))
+
+
+def v1_fixture_store() -> tuple[WindowStore, list[str]]:
+    """The store in ``data/window_snapshot_v1.npz``, and the pending VMs saved with it.
+
+    That file was written by the code of commit a1fe9ef (snapshot version 1, file
+    format 1: a plain ``np.savez``, counts int32): ``WindowStore.snapshot()`` of this
+    store plus ``pending_vm``, through ``SnapshotStore.save(0, arrays, 42, 1234)``.
+    Row 4's VM was released, so the active rows have a hole.
+    """
+    rng = np.random.default_rng(7)
+    store = WindowStore(12, SLOT, 3600, capacity=4)
+    n = 400
+    vm = [f"vm{i}" for i in rng.integers(0, 12, n)]
+    host = [f"h{int(x[2:]) % 3}" for x in vm]
+    store.update(vm, host, 1000 * SLOT + rng.uniform(0, 14 * SLOT, n), samples(n, rng, 0.2), seen=1_700_000_000.0)
+    store.release(store.rows_of(["vm4"]))
+    return store, ["vm1", "vm7"]
+
+
+def test_a_version_1_snapshot_of_the_previous_release_still_restores_exactly(tmp_path):
+    """A worker upgraded in place resumes from the snapshot its previous version wrote."""
+    target = tmp_path / "g" / "t" / "p0000.npz"
+    target.parent.mkdir(parents=True)
+    shutil.copy(DATA / "window_snapshot_v1.npz", target)
+    snap = SnapshotStore(str(tmp_path), "g", "t").load(0)
+    assert snap is not None and snap.next_offset == 42 and snap.last_record_crc == 1234
+    assert int(snap.arrays["config"][0]) == 1 and snap.arrays["counts"].dtype == np.int32  # really the old format
+    back = WindowStore.restore(snap.arrays)
+    store, pending = v1_fixture_store()
+    assert store_differences(store, back) == []
+    assert snap.arrays["pending_vm"].tolist() == pending
+    rows = store.rows_of(sorted(store.row_of))
+    np.testing.assert_array_equal(store.window(rows), back.window(back.rows_of(sorted(store.row_of))))
+
+
+@pytest.mark.parametrize("top, dtype", [(5, np.uint8), (255, np.uint8), (256, np.uint16), (70_000, np.uint32)])
+def test_snapshot_counts_take_the_smallest_unsigned_dtype_and_round_trip_exactly(tmp_path, top, dtype):
+    rng = np.random.default_rng(11)
+    store = WindowStore(288, SLOT, 3600)
+    n = 3000  # sums of 3000 x 288 x 4 float32 > 1 MiB: written as byte planes
+    vm = [f"vm{i}" for i in range(n)]
+    store.update(vm, [f"h{i % 7}" for i in range(n)], 1000 * SLOT + rng.uniform(0, 288 * SLOT, n), samples(n, rng, 0.1))
+    store.counts[store.rows_of(["vm3"])[0], 5, 0] = top  # one busy cell decides the dtype
+    store.release(store.rows_of(["vm10", "vm11"]))
+    arrays = store.snapshot()
+    assert int(arrays["config"][0]) == SNAPSHOT_VERSION == 2
+    assert arrays["counts"].dtype == dtype and arrays["sums"].dtype == np.float32
+    snaps = SnapshotStore(str(tmp_path), "g", "t")
+    snaps.save(3, arrays, 77, 99)
+    with np.load(tmp_path / "g" / "t" / "p0003.npz", allow_pickle=False) as z:  # a plain npz, no pickle
+        assert int(z["__format__"]) == 2 and "sums@0.3" in z.files and "sums" not in z.files
+    snap = snaps.load(3)
+    assert snap is not None and snap.next_offset == 77 and snap.last_record_crc == 99
+    assert snap.arrays["sums"].tobytes() == arrays["sums"].tobytes()
+    assert snap.arrays["counts"].dtype == dtype and np.array_equal(snap.arrays["counts"], arrays["counts"])
+    back = WindowStore.restore(snap.arrays)
+    assert store_differences(store, back) == []
+    assert back.counts.dtype == np.int32 and int(back.counts.max()) == top
+
+
+def test_a_snapshot_of_an_unknown_version_is_refused():
+    store = WindowStore(4, SLOT, 3600)
+    store.update(["a"], ["h"], np.array([1000.0 * SLOT]), samples(1, np.random.default_rng(0)))
+    arrays = store.snapshot()
+    arrays["config"][0] = SNAPSHOT_VERSION + 1
+    with pytest.raises(ValueError, match="version"):
+        WindowStore.restore(arrays)
+
+
+def test_an_empty_store_round_trips(tmp_path):
+    store = WindowStore(288, SLOT, 3600)
+    snaps = SnapshotStore(str(tmp_path), "g", "t")
+    snaps.save(0, store.snapshot(), 0)
+    back = WindowStore.restore(snaps.load(0).arrays)
+    assert len(back) == 0 and store_differences(store, back) == []
 
 
 def test_bytes_per_vm_is_reported():
