@@ -137,6 +137,7 @@ def test_every_dashboard_query_returns_data_from_a_scraped_worker(worker_setting
             _total(prom, "zhuge_samples_in_total") >= len(valid)
             and _total(prom, "zhuge_dlq_total") >= len(invalid)
             and _total(prom, "zhuge_vms_scored_total") >= VMS
+            and prom.query("count(zhuge_consumer_lag)")["result"]  # refreshed every 5 s (app.ingest.LAG_EVERY_S)
         ):
             assert time.monotonic() < deadline, f"worker traffic not visible in Prometheus:\n{worker.tail()}"
             assert worker.proc.poll() is None, f"worker died:\n{worker.tail()}"
