@@ -102,8 +102,8 @@ def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None
             console.print("using the Kafka and Redis already answering at the configured addresses")
         else:
             console.print(f"[bold]starting local {' and '.join(missing)}[/bold] ...")
+            started_services = missing  # before `up`: a start that fails half way is stopped too
             services.up(settings, echo=console.print, only=missing)
-            started_services = missing
         console.print(f"backfilling one day of a simulated fleet: {vms} VMs on {hosts} hosts ...")
         common = ["--vms", str(vms), "--hosts", str(hosts), "--seed", "7", "--batched"]
         subprocess.run([*ZHUGE, "simulate", *common, "--fast", "--duration", "1d"], env=env, check=True)

@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -235,20 +235,22 @@ def _matches(pid: int, marker: Marker) -> bool:
 def owned_pid(pid_file: Path, marker: Marker) -> int | None:
     """The pid in ``pid_file`` if that process is alive and its cmdline contains every ``marker`` part."""
     pid = _read_pid(pid_file)
+    return pid if pid is not None and _alive(pid) and _matches(pid, marker) else None
+
+
+def _alive(pid: int | None) -> bool:
+    """The process exists and is not a zombie (a zombie child of ours is reaped)."""
     if pid is None:
-        return None
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return None
-    state = _proc_state(pid)
-    if state in ("Z", "X"):  # a zombie child of ours: reap and forget it
+    except (ProcessLookupError, PermissionError):
+        return False
+    if _proc_state(pid) in ("Z", "X"):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        return None
-    return pid if _matches(pid, marker) else None
+        return False
+    return True
 
 
 def _proc_state(pid: int) -> str:
@@ -769,11 +771,27 @@ def up(
     return status(settings)
 
 
+@contextlib.contextmanager
+def started_when_missing(settings: Settings, echo: Echo = print) -> Iterator[list[str]]:
+    """Start Kafka and/or Redis when they do not answer; on exit stop exactly those (also when ``up`` fails)."""
+    started = not_answering(settings)
+    try:
+        if started:
+            up(settings, echo=echo, only=started)
+        yield started
+    finally:
+        if started:
+            down(settings, echo=echo, only=started)
+
+
 def _wait_ready(settings: Settings, name: str, started: bool, deadline: float, timeout_s: float) -> None:
     """Until the service answers with these settings; a process of ours that died fails at once, with its log."""
-    _, _, pid_file, marker = PATHS[name](settings)
+    _, _, pid_file, _ = PATHS[name](settings)
     while not CHECKS[name](settings):
-        if started and owned_pid(pid_file, marker) is None:
+        # liveness by pid, not by ``owned_pid``'s cmdline check: redis-server rewrites its title in
+        # place at start-up, and a read of /proc/<pid>/cmdline in the middle of that sees neither
+        # form (twice on a busy box: "exited during start-up" for a Redis that was running)
+        if started and not _alive(_read_pid(pid_file)):
             log = pid_file.parent / ("logs/server.log" if name == "kafka" else "redis.log")
             raise ServiceError(f"{name} exited during start-up; last lines of {log}:\n{redact(_tail(log), settings)}")
         if time.monotonic() > deadline:

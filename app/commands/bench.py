@@ -61,15 +61,9 @@ def pipeline(
     bad = [s for s in shape if s not in ("batched", "per-vm")]
     if bad:
         raise typer.BadParameter(f"unknown shape(s) {bad}; use batched and/or per-vm", param_hint="--shape")
-    started = services.not_answering(settings)
-    if started:
-        services.up(settings, echo=lambda m: typer.echo(m, err=True), only=started)
-    try:
+    with services.started_when_missing(settings, echo=lambda m: typer.echo(m, err=True)):
         result = run_pipeline_bench(settings, samples=samples, vms=vms, hosts=hosts, shapes=shape, latency_s=latency_s,
                                     workdir=workdir)  # fmt: skip
-    finally:
-        if started:
-            services.down(settings, echo=lambda m: typer.echo(m, err=True), only=started)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -101,14 +95,8 @@ def api(
     from bench.api_load import format_api_bench, run_api_bench
 
     settings = settings_of(ctx)
-    started = services.not_answering(settings)
-    if started:
-        services.up(settings, echo=lambda m: typer.echo(m, err=True), only=started)
-    try:
+    with services.started_when_missing(settings, echo=lambda m: typer.echo(m, err=True)):
         result = run_api_bench(settings, vms, hosts, rate, duration_s, connections, workdir, api_workers)
-    finally:
-        if started:
-            services.down(settings, echo=lambda m: typer.echo(m, err=True), only=started)
     typer.echo(json.dumps(result) if as_json else format_api_bench(result))
 
 
