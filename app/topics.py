@@ -71,3 +71,36 @@ async def _wait_visible(admin: object, names: list[str], timeout_s: float) -> No
         if loop.time() > deadline:
             raise TimeoutError(f"topics {sorted(set(names) - ready)} have no leader after {timeout_s} s")
         await asyncio.sleep(0.1)
+
+
+async def produce_messages(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
+    """Send ``(key, value)`` pairs to ``settings.topic_metrics`` and wait for every acknowledgement."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(**settings.aiokafka_kwargs(), linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(settings.topic_metrics, value, key=key) for key, value in messages]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def read_from_start(settings: Settings, topic: str, n: int, timeout_s: float = 30.0) -> list[dict]:
+    """Up to ``n`` JSON records of ``topic`` from its start (no consumer group), within ``timeout_s``."""
+    import json
+    import time
+
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **settings.aiokafka_kwargs())
+    await consumer.start()
+    out: list[dict] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(out) < n and time.monotonic() < deadline:
+            for recs in (await consumer.getmany(timeout_ms=1000)).values():
+                out += [json.loads(r.value) for r in recs]
+    finally:
+        await consumer.stop()
+    return out

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
+from app.topics import produce_messages, read_from_start
 
 Echo = Callable[[str], None]
 
@@ -215,7 +216,7 @@ def _experiment(settings: Settings, root: Path, *, guests: int, k: int, deadline
              f"{HISTORY_DAYS} days of history, worker, retrain ...")  # fmt: skip
         mem_used = mem_mb + 78.0  # what the agent measures of such a guest: the workload plus the guest OS
         past = history(origin, loads, source, mem_used, float(ram_mb))
-        asyncio.run(produce(settings, past[:-1]))
+        asyncio.run(produce_messages(settings, past[:-1]))
         worker = WorkerProcess.start(settings, logs[0], ready_timeout=300)
         bootstrap = worker.model_version()
         # the worker flushes its history buffer when a write finds it older than history_flush_s: with no agent
@@ -223,7 +224,7 @@ def _experiment(settings: Settings, root: Path, *, guests: int, k: int, deadline
         _wait(lambda: worker.counter("zhuge_samples_in_total") >= (len(past) - 1) * guests, "history consumed", 180,
               *logs)  # fmt: skip
         time.sleep(settings.history_flush_s + 0.5)
-        asyncio.run(produce(settings, past[-1:]))
+        asyncio.run(produce_messages(settings, past[-1:]))
         _wait(lambda: len(list(Path(settings.history_url).rglob("*.parquet"))) >= HISTORY_DAYS, "history archived",
               180, *logs)  # fmt: skip
         retrain = subprocess.run([*ZHUGE, "retrain", "--workers", "1", "--max-rows", "20000"], env=env,
@@ -293,7 +294,7 @@ def _experiment(settings: Settings, root: Path, *, guests: int, k: int, deadline
                                              predictions=allnow_pred, at=t0, publish=pub, echo=echo, dilate=dilate))  # fmt: skip
         echo(f"drain-compare: all-now run {run2.summary()}")
         (root / "run-all-now.json").write_text(json.dumps(run2.as_dict()))
-        records = asyncio.run(_read_topic(settings, settings.topic_migrations, run1.published + run2.published))
+        records = asyncio.run(read_from_start(settings, settings.topic_migrations, run1.published + run2.published))
     finally:
         if agent is not None:
             agent.terminate()
@@ -355,35 +356,6 @@ def _report(plan: dict[str, Any], run1: Any, run2: Any, scores_at: dict[str, dic
                            for vm, h in scores_at.items()},  # fmt: skip
         "forecast_dirty_hourly_from_t0": dirty_hourly,
     }
-
-
-async def produce(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(**settings.aiokafka_kwargs(), linger_ms=5)
-    await producer.start()
-    try:
-        futures = [await producer.send(settings.topic_metrics, value, key=key) for key, value in messages]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
-async def _read_topic(settings: Settings, topic: str, n: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """Up to ``n`` records of ``topic`` from the start (what the runs published to vm.migrations)."""
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **settings.aiokafka_kwargs())
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        while len(out) < n and time.monotonic() < deadline:
-            for recs in (await consumer.getmany(timeout_ms=1000)).values():
-                out += [json.loads(r.value) for r in recs]
-    finally:
-        await consumer.stop()
-    return out
 
 
 def _drop_keys(client: Any, prefix: str) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from app.settings import Settings
+from app.topics import read_from_start
 from app.worker_process import WorkerProcess, settings_env
 from tests.integration.conftest import IN_CI
 from tests.integration.worker_support import isolated_worker_settings, produce
@@ -191,7 +192,7 @@ def test_migrating_at_the_recommended_window_beats_now_in_the_busy_phase(unique_
         started = _lab_time_of_day(recommended["start"])
         assert started >= BUSY_TO - 1800 or started < BUSY_FROM, "the twin waited for the quiet phase"
 
-        records = asyncio.run(_read(settings, settings.topic_migrations, 2))
+        records = asyncio.run(read_from_start(settings, settings.topic_migrations, 2))
         by_vm = {r["vm"]: r for r in records}
         assert set(by_vm) == {"now-vm", "rec-vm"}
         for r in by_vm.values():  # the prediction in force when each started: the score then, by the retrained model
@@ -205,19 +206,3 @@ def test_migrating_at_the_recommended_window_beats_now_in_the_busy_phase(unique_
         if worker is not None:
             worker.stop()
         labmod.down(settings.state_dir, lab_name)
-
-
-async def _read(settings: Settings, topic: str, n: int, timeout_s: float = 30.0) -> list[dict]:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **settings.aiokafka_kwargs())
-    await consumer.start()
-    out: list[dict] = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        while len(out) < n and time.monotonic() < deadline:
-            for recs in (await consumer.getmany(timeout_ms=1000)).values():
-                out += [json.loads(r.value) for r in recs]
-    finally:
-        await consumer.stop()
-    return out

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
+from app.topics import produce_messages
 from streams.recovery import SnapshotStore
 from streams.schema import METRICS, decode_messages
 from streams.window_store import WindowStore
@@ -68,16 +69,7 @@ def newest_ts(messages: list[tuple[bytes, bytes]]) -> dict[str, float]:
     return out
 
 
-async def produce(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(**settings.aiokafka_kwargs(), linger_ms=5)
-    await producer.start()
-    try:
-        futures = [await producer.send(settings.topic_metrics, value, key=key) for key, value in messages]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+produce = produce_messages  # the tests' name for it
 
 
 def wait_for_scores(settings: Settings, expected: dict[str, float], timeout_s: float = 60.0) -> dict[str, dict]:
