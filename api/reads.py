@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from streams.curve import Curve, decode_curve
-from streams.sinks.redis_sink import decode_hash, read_vm, top
+from streams.sinks.redis_sink import decode_hash, top
 
 # the VM score object of the API (the hash's fields, in this order)
 SCORE_FIELDS = (
@@ -38,11 +39,6 @@ class ScoreReads:
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
-    async def vm(self, vm: str) -> dict[str, Any] | None:
-        """The VM's score object, or None when Redis has no score for it."""
-        row = await read_vm(self.client, self.prefix, vm)
-        return None if row is None else score_object(row)
-
     async def vm_with_curve(self, vm: str) -> tuple[dict[str, Any] | None, Curve | None]:
         """Score and curve in one round trip (a VM scored by a worker without curves has none)."""
         pipe = self.client.pipeline(transaction=False)
@@ -57,15 +53,9 @@ class ScoreReads:
         """The ``n`` best VMs to migrate now (lowest predicted downtime), optionally on one host."""
         return [score_object(r) for r in await top(self.client, self.prefix, n, host)]
 
-    async def host_vms(self, host: str) -> list[str]:
-        """VM ids of the host's set, sorted."""
-        return sorted(_text(m) for m in await self.client.smembers(f"{self.prefix}host:{host}"))
-
     async def host_scores(self, host: str) -> list[dict[str, Any]]:
-        """Every VM of the host with its score, best (lowest downtime now) first."""
-        vms = await self.host_vms(host)
-        rows = await top(self.client, self.prefix, len(vms), host) if vms else []
-        return [score_object(r) for r in rows]
+        """Every VM of the host with its score, best (lowest downtime now) first (one SMEMBERS, one ZMSCORE)."""
+        return [score_object(r) for r in await top(self.client, self.prefix, sys.maxsize, host)]
 
     async def host_curves(self, host: str) -> tuple[list[dict[str, Any]], dict[str, Curve]]:
         """The host's score objects and the curves of those that have one."""
