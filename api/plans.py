@@ -89,7 +89,7 @@ async def plan_host_drain(
         raise PlanRefused(f"max_concurrent must be >= 1, got {max_concurrent}")
     rows, curves = await reads.host_curves(host)
     if not rows:
-        raise UnknownHost(f"no scored VMs on host {host!r} ({reads.prefix}host:{host} is empty or unknown)")
+        raise UnknownHost(f"no scored VMs on host {host!r} ({reads.keys.host(host)} is empty or unknown)")
     skipped = unusable(curves)
     curves = {vm: c for vm, c in curves.items() if vm not in skipped}
     now = time.time() if now is None else float(now)

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from streams.curve import Curve, decode_curve
+from streams.redis_keys import RedisKeys
 from streams.sinks.redis_sink import decode_hash, top
 
 # the VM score object of the API (the hash's fields, in this order)
@@ -30,11 +31,12 @@ def _text(value: Any) -> str:
 
 
 class ScoreReads:
-    """The API's view of Redis: one client, one key prefix."""
+    """The API's view of Redis: one client, one key prefix (key names of the client's layout, ``RedisKeys``)."""
 
     def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
+        self.keys = RedisKeys.for_client(client, prefix)
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
@@ -42,8 +44,8 @@ class ScoreReads:
     async def vm_with_curve(self, vm: str) -> tuple[dict[str, Any] | None, Curve | None]:
         """Score and curve in one round trip (a VM scored by a worker without curves has none)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(f"{self.prefix}vm:{vm}")
-        pipe.get(f"{self.prefix}curve:{vm}")
+        pipe.hgetall(self.keys.vm(vm))
+        pipe.get(self.keys.curve(vm))
         raw, blob = await pipe.execute()
         if not raw:
             return None, None
@@ -62,30 +64,33 @@ class ScoreReads:
         rows = await self.host_scores(host)
         if not rows:
             return [], {}
-        blobs = await self.client.mget([f"{self.prefix}curve:{r['vm']}" for r in rows])
+        names = [self.keys.curve(r["vm"]) for r in rows]
+        # a cluster's MGET takes one slot only: mget_nonatomic groups the keys by node
+        blobs = await (self.client.mget_nonatomic(names) if self.keys.cluster else self.client.mget(names))
         return rows, {r["vm"]: decode_curve(b) for r, b in zip(rows, blobs) if b}
 
     async def hosts(self) -> list[dict[str, Any]]:
         """Every host with scored VMs and how many (``<prefix>hosts``; an expired host set reads 0 and is left out)."""
-        names = sorted(_text(h) for h in await self.client.smembers(f"{self.prefix}hosts"))
+        names = sorted(_text(h) for h in await self.client.smembers(self.keys.hosts))
         if not names:
             return []
         pipe = self.client.pipeline(transaction=False)
         for host in names:
-            pipe.scard(f"{self.prefix}host:{host}")
+            pipe.scard(self.keys.host(host))
         sizes = await pipe.execute()
         return [{"host": h, "vms": int(n)} for h, n in zip(names, sizes) if n]
 
     async def fleet(self, target_ms: float) -> dict[str, Any]:
         """How many VMs fit the target now, only at their recommended window, not at all (two ZCOUNTs).
 
-        One MULTI so the counts add up to ``vms`` even while workers write.
+        One MULTI so the counts add up to ``vms`` even while workers write (on a cluster too:
+        the ranks and the host list share the ``{fleet}`` slot).
         """
         pipe = self.client.pipeline(transaction=True)
-        pipe.zcard(f"{self.prefix}rank:now")
-        pipe.zcount(f"{self.prefix}rank:now", "-inf", target_ms)
-        pipe.zcount(f"{self.prefix}rank:best", "-inf", target_ms)
-        pipe.scard(f"{self.prefix}hosts")
+        pipe.zcard(self.keys.rank_now)
+        pipe.zcount(self.keys.rank_now, "-inf", target_ms)
+        pipe.zcount(self.keys.rank_best, "-inf", target_ms)
+        pipe.scard(self.keys.hosts)
         total, now_ok, best_ok, hosts = (int(v) for v in await pipe.execute())
         return {
             "vms": total,
@@ -99,10 +104,10 @@ class ScoreReads:
     async def stored_plan(self, host: str) -> dict[str, Any] | None:
         import msgspec
 
-        raw = await self.client.get(f"{self.prefix}drain:{host}")
+        raw = await self.client.get(self.keys.drain(host))
         return None if raw is None else msgspec.json.decode(raw)
 
     async def store_plan(self, plan: dict[str, Any], ttl_s: int) -> None:
         import msgspec
 
-        await self.client.set(f"{self.prefix}drain:{plan['host']}", msgspec.json.encode(plan), ex=ttl_s)
+        await self.client.set(self.keys.drain(plan["host"]), msgspec.json.encode(plan), ex=ttl_s)

@@ -69,7 +69,7 @@ async def _poll_redis(settings: Settings) -> tuple[list[dict], int]:
     client = settings.redis_client()
     try:
         rows = await redis_top(client, settings.redis_prefix, 10)
-        n = await client.zcard(f"{settings.redis_prefix}rank:now")
+        n = await client.zcard(settings.redis_keys().rank_now)
         return rows, int(n)
     finally:
         await client.aclose()

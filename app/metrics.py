@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import SummaryMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -69,6 +70,13 @@ class WorkerMetrics:
         self.history_buffered = Gauge("zhuge_history_buffered_rows", "History rows waiting for the next Parquet flush", registry=r)
         self.batch_stalled = Gauge("zhuge_batch_stalled_seconds", "Age of the micro-batch in flight (0 when idle): grows while a sink is down", registry=r)
         self.last_commit_age = Gauge("zhuge_last_commit_age_seconds", "Seconds since offsets were last committed (NaN before the first commit)", registry=r)
+        self.forecast_errors = ForecastErrors(r)
+        self.model_weight = Gauge(
+            "zhuge_model_weight",
+            "Weight of the boosters in the served median, mean over the bucket's grid horizons "
+            "(1: the model alone; 0: the naive forecast alone, the model lost to it on validation)",
+            ["target", "bucket"], registry=r,
+        )  # fmt: skip
 
         self._lock = threading.Lock()
         self._model_created: float | None = None
@@ -91,6 +99,22 @@ class WorkerMetrics:
             self.model_version.clear()
             self.model_version.labels(version=version).set(1)
             self._model_created = created_ts
+
+    def set_blend(self, model: Any) -> None:
+        """Publish the served model's blend (``training.blend``) as ``zhuge_model_weight``; 1 without one."""
+        from gpu_kernels.accuracy import BUCKET_NAMES, BUCKETS
+        from gpu_kernels.features import TARGETS
+
+        blend = getattr(model, "blend", None)
+        for target in TARGETS:
+            for name in BUCKET_NAMES:
+                lo, hi = BUCKETS[name]
+                if blend is None:
+                    weight = 1.0
+                else:
+                    w = [wt for h, wt in zip(blend.horizons, blend.weight[target]) if lo < h * model.slot_s <= hi]
+                    weight = float(np.mean(w)) if w else float("nan")
+                self.model_weight.labels(target=target, bucket=name).set(weight)
 
     def _age(self) -> float:
         created = self._model_created
@@ -131,6 +155,56 @@ class WorkerMetrics:
     def observe_lags(self, lag_s: np.ndarray | Iterable[float]) -> None:
         """Observe many end-to-end lags at once (vectorised; no per-sample Python loop)."""
         observe_many(self.end_to_end_lag, lag_s)
+
+
+class ForecastErrors:
+    """Live accuracy (``streams.accuracy``) as ``zhuge_forecast_abs_error{target,bucket,method}``, a summary.
+
+    ``_sum`` = absolute errors of the realised forecasts, ``_count`` = pairs (the same for every
+    method of a target and bucket: pairs where any method is NaN are skipped for all), so
+    ``increase(_sum[1h]) / increase(_count[1h])`` is the MAE over the last hour. Kept as NumPy
+    arrays and rendered at scrape time (one bulk add per forecast run, no per-pair calls);
+    every series exists from start-up at 0. ``zhuge_forecast_tracked_vms``: VMs sampled.
+    """
+
+    NAME = "zhuge_forecast_abs_error"
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from gpu_kernels.accuracy import BUCKET_NAMES, METHODS
+        from gpu_kernels.features import TARGETS
+
+        self.targets, self.buckets, self.methods = TARGETS, BUCKET_NAMES, METHODS
+        self.sums = np.zeros((len(TARGETS), len(BUCKET_NAMES), len(METHODS)), dtype=np.float64)
+        self.counts = np.zeros((len(TARGETS), len(BUCKET_NAMES)), dtype=np.int64)
+        self._lock = threading.Lock()
+        self.tracked = Gauge("zhuge_forecast_tracked_vms", "VMs whose served forecasts are tracked for live accuracy", registry=registry)
+        registry.register(self)
+
+    def add(self, sums: np.ndarray, counts: np.ndarray) -> None:
+        """Add ``gpu_kernels.accuracy.error_sums`` output: sums ``(T, B, M)``, counts ``(T, B)``."""
+        with self._lock:
+            self.sums += sums
+            self.counts += counts
+
+    def set_tracked(self, n: int) -> None:
+        self.tracked.set(n)
+
+    def describe(self) -> list[Any]:
+        return [SummaryMetricFamily(self.NAME, "", labels=("target", "bucket", "method"))]
+
+    def collect(self) -> Iterable[Any]:
+        fam = SummaryMetricFamily(
+            self.NAME,
+            "Absolute error of realised forecasts (served q50 and naive baselines) per target, horizon bucket, method",
+            labels=("target", "bucket", "method"),
+        )
+        with self._lock:
+            sums, counts = self.sums.copy(), self.counts.copy()
+        for i, t in enumerate(self.targets):
+            for j, b in enumerate(self.buckets):
+                for k, m in enumerate(self.methods):
+                    fam.add_metric((t, b, m), count_value=int(counts[i, j]), sum_value=float(sums[i, j, k]))
+        yield fam
 
 
 def observe_many(histogram: Histogram, values: np.ndarray | Iterable[float]) -> None:

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from streams.redis_keys import RedisKeys, is_cluster_client
 from training.model import ForecastModel, ModelRejected
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ RejectCallback = Callable[[str, str], None]
 
 
 def models_channel(settings: Any) -> str:
-    return f"{settings.redis_prefix}models"
+    """``<prefix>models``; on a Redis Cluster, PUBLISH reaches the subscribers of every node."""
+    return RedisKeys(settings.redis_prefix).models_channel
 
 
 def notify_new_version(settings: Any, version: str) -> int:
@@ -182,8 +184,11 @@ class ModelWatcher:
         channel = models_channel(self.settings)
         while True:
             client = self.settings.redis_client()
-            pubsub = client.pubsub()
+            pubsub = None
             try:
+                if is_cluster_client(client):
+                    await client.initialize()  # a cluster pub/sub picks its node from the slot map: load it first
+                pubsub = client.pubsub()
                 await pubsub.subscribe(channel)
                 backoff = 1.0
                 while True:
@@ -198,8 +203,9 @@ class ModelWatcher:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
                 with contextlib.suppress(Exception):
                     await client.aclose()
 

@@ -6,6 +6,7 @@ INSTALL_HINTS = {
     "java": "Java 17+ runs the Kafka broker: apt-get install openjdk-17-jre-headless",
     "mvn": "Maven resolves the Kafka jars from Maven Central (once): apt-get install maven",
     "redis-server": "Redis runs from the system package: apt-get install redis-server",
+    "redis-cli": "redis-cli joins a local Redis Cluster: apt-get install redis-tools",
     "openssl": "openssl makes the local CA and certificates for TLS: apt-get install openssl",
 }
 

@@ -61,6 +61,11 @@ class Settings:
     redis_url: str = _doc(
         "Redis URL; rediss:// for TLS, redis://:password@host for AUTH", default="redis://127.0.0.1:6379/0", repr=False
     )
+    redis_cluster: bool = _doc(
+        "true: ZHUGE_REDIS_URL is a seed node of a Redis Cluster (cluster client, hash-tagged key names, see "
+        "\"Redis keys and queries\"); false: one Redis (or a managed one without cluster mode)",
+        default=False,
+    )
     redis_password: str = _doc("Redis password (AUTH), instead of one in the URL", default="", repr=False)
     redis_ssl_cafile: str = _doc("CA bundle for the Redis server's certificate (rediss://)", default="")
     redis_ssl_certfile: str = _doc("client certificate for Redis mutual TLS", default="")
@@ -149,6 +154,14 @@ class Settings:
     )
     model_check_s: float = _doc("seconds between model-store checks (besides Redis pub/sub)", default=30.0)
     metrics_port: int = _doc("port of the worker's Prometheus /metrics (0 = none)", default=9464)
+    accuracy_sample: float = _doc(
+        "live accuracy: share of VMs (chosen by a hash of the VM id, the same in every worker) whose served "
+        "forecasts are kept and scored against the samples that arrive later (0 = off)",
+        default=0.0625,
+    )
+    accuracy_max_vms: int = _doc(
+        "live accuracy: most VMs one worker tracks (about 48 KB each with a 24 h horizon)", default=512
+    )
     state_dir: str = _doc("local state of services (Kafka data, logs, pid files)", default=".zhuge")
     kafka_home: str = _doc("where `zhuge services` caches the Kafka broker jars (empty: ~/.cache/zhuge/kafka-<version>)", default="")
     log_level: str = _doc("log level", default="INFO")
@@ -211,9 +224,18 @@ class Settings:
             raise ValueError("api_port must be 1..65535, drain_slot_s > 0 and drain_max_concurrent >= 1")
         if self.drain_time_limit_s <= 0:
             raise ValueError("drain_time_limit_s must be positive")
+        if not 0 <= self.accuracy_sample <= 1 or self.accuracy_max_vms < 0:
+            raise ValueError("accuracy_sample must lie in [0, 1] and accuracy_max_vms be >= 0")
         tls_files = (self.redis_ssl_cafile, self.redis_ssl_certfile, self.redis_ssl_keyfile)
         if any(tls_files) and not self.redis_url.startswith("rediss://"):
             raise ValueError("ZHUGE_REDIS_SSL_* need a rediss:// URL (TLS)")
+        if self.redis_cluster:
+            from urllib.parse import urlsplit
+
+            if urlsplit(self.redis_url).path not in ("", "/", "/0"):
+                raise ValueError("ZHUGE_REDIS_CLUSTER: a Redis Cluster has database 0 only (ZHUGE_REDIS_URL ends in /0)")
+            if "{" in self.redis_prefix or "}" in self.redis_prefix:
+                raise ValueError("ZHUGE_REDIS_CLUSTER: ZHUGE_REDIS_PREFIX must not contain braces (hash tags)")
 
     # --- derived values ------------------------------------------------------
     @property
@@ -267,7 +289,19 @@ class Settings:
         return kw
 
     def redis_client(self, *, asyncio: bool = True) -> Any:
-        """A Redis client for ``redis_url`` and ``redis_kwargs()`` (rediss:// and AUTH handled by redis-py)."""
+        """A Redis client for ``redis_url`` and ``redis_kwargs()`` (rediss:// and AUTH handled by redis-py).
+
+        With ``redis_cluster`` a ``RedisCluster`` (same TLS, AUTH and timeouts), which discovers the
+        other nodes from the URL's; readers and the sink pick the key layout from the client's type.
+        """
+        if self.redis_cluster:
+            if asyncio:
+                from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+                return AsyncRedisCluster.from_url(self.redis_url, **self.redis_kwargs())
+            from redis.cluster import RedisCluster
+
+            return RedisCluster.from_url(self.redis_url, **self.redis_kwargs())
         if asyncio:
             import redis.asyncio as aioredis
 
@@ -275,6 +309,12 @@ class Settings:
         import redis
 
         return redis.from_url(self.redis_url, **self.redis_kwargs())
+
+    def redis_keys(self) -> Any:
+        """The key names (``streams.redis_keys.RedisKeys``) of ``redis_prefix`` in this layout."""
+        from streams.redis_keys import RedisKeys
+
+        return RedisKeys(self.redis_prefix, cluster=self.redis_cluster)
 
     @property
     def redis_address(self) -> str:
@@ -312,6 +352,9 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
@@ -319,6 +362,10 @@ def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            return _BOOLS[raw.strip().lower()]
+    except KeyError as exc:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: expected true or false") from exc
     except ValueError as exc:
         raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: expected {kind}") from exc
     return raw
@@ -328,6 +375,6 @@ def settings_table() -> str:
     """The README's settings table, generated from the dataclass (one source of truth)."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for f in fields(Settings):
-        default = "" if f.name in SECRET_FIELDS else f.default
+        default = "" if f.name in SECRET_FIELDS else str(f.default).lower() if isinstance(f.default, bool) else f.default
         rows.append(f"| `{ENV_PREFIX}{f.name.upper()}` | `{default}` | {f.metadata.get('doc', '')} |")
     return "\n".join(rows)

@@ -219,10 +219,12 @@ def _maybe_reload(rt: WorkerRuntime) -> None:
     if new is not None:
         log.info("model swapped to %s without restart", new.version)
         rt.metrics.set_model(new.version, new.created)
+        rt.metrics.set_blend(new)
 
 
 async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
     from app.model_watch import ModelWatcher
+    from streams.accuracy import LiveAccuracy
     from streams.migrations import DowntimeCorrection
     from streams.scorer import Scorer
     from streams.sinks.history import HistorySink
@@ -240,6 +242,7 @@ async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
     watcher = ModelWatcher(settings, store, model, metrics=metrics)
     await watcher.start()
     metrics.set_model(model.version, model.created)
+    metrics.set_blend(model)
 
     redis = settings.redis_client()
     producer = AIOKafkaProducer(
@@ -253,7 +256,8 @@ async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
         await correction.load(redis, settings.redis_prefix)  # absent: factor 1 until migrations are observed
     except Exception as exc:  # Redis away at start: factor 1 now, the timer reloads it later
         log.warning("downtime correction not loaded (%s: %s); starting uncorrected", type(exc).__name__, exc)
-    scorer = Scorer(settings, watcher.current, xp, correction=correction)
+    scorer = Scorer(settings, watcher.current, xp, correction=correction,
+                    accuracy=LiveAccuracy.from_settings(settings, metrics))  # fmt: skip
     pipeline = Pipeline(
         settings,
         scorer=scorer,

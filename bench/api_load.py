@@ -155,9 +155,10 @@ def _wait_scored(settings: Any, vms: list[str], timeout_s: float) -> None:
     client = settings.redis_client(asyncio=False)
     try:
         deadline = time.monotonic() + timeout_s
-        while client.zcard(f"{settings.redis_prefix}rank:now") < len(vms):
+        rank_now = settings.redis_keys().rank_now
+        while client.zcard(rank_now) < len(vms):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {client.zcard(settings.redis_prefix + 'rank:now')} of {len(vms)} VMs scored "
+                raise TimeoutError(f"only {client.zcard(rank_now)} of {len(vms)} VMs scored "
                                    f"after {timeout_s:.0f} s")  # fmt: skip
             time.sleep(0.5)
     finally:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gpu_kernels.downtime import PrecopyParams
-from gpu_kernels.features import WINDOW_CHANNELS
+from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, slots_per_day
 from gpu_kernels.inference import engine_name
 from gpu_kernels.xp import get_xp, resolve_device, to_numpy
 
@@ -55,7 +55,9 @@ class ScoreBench:
 
 
 def synthetic_windows(n: int, slots: int, slot_s: int, xp: Any, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """A fleet's window tensor ``(n, slots, C)`` on ``xp``'s device: diurnal load, noise, 2% gaps."""
+    """A fleet's window tensor ``(n, slots, C)`` on ``xp``'s device: diurnal load, noise, 2% gaps;
+    ``attrs["profile"]`` is each VM's daily profile (its noiseless diurnal curve), as a store that
+    has held the VM for over a day has it."""
     rs = xp.random.RandomState(seed)
     f32 = xp.float32
     last_slot = 1_700_006_400 // slot_s + 288
@@ -72,10 +74,16 @@ def synthetic_windows(n: int, slots: int, slot_s: int, xp: Any, seed: int = 0) -
     chans = {"cpu_pct": cpu, "dirty_mbps": dirty, "net_mbps": net, "mem_used_mb": mem_used}
     win = xp.stack([chans[c].astype(f32) for c in WINDOW_CHANNELS], axis=-1)
     win[rs.uniform(0, 1, (n, slots)) < 0.02] = np.nan
+    P = slots_per_day(slot_s)
+    tod = xp.arange(P, dtype=f32) * (slot_s / 86400.0)  # profile index j = absolute slot % P
+    cpu_p = xp.clip(base + amp * xp.sin(2 * np.pi * (tod[None, :] + phase)), 0, 100)
+    ratio = {"cpu_pct": 1, "dirty_mbps": dirty[:, :1] / xp.maximum(cpu[:, :1], 1e-3), "net_mbps": net[:, :1] / xp.maximum(cpu[:, :1], 1e-3)}
+    profile = xp.stack([(cpu_p * ratio[t]).astype(f32) for t in TARGETS], axis=-1)
     attrs = {
         "last_slot": xp.full(n, last_slot, dtype=xp.int64),
         "mem_total_mb": mem_total,
         "vcpus": vcpus,
+        "profile": profile,
     }
     return win, attrs
 

@@ -4,7 +4,9 @@ One ``WindowStore`` is filled directly (vectorised, no samples decoded) with N V
 x ``window_slots`` slots of realistic slot sums and counts: a diurnal CPU load at
 0.1 % resolution, a dirty rate, a network rate from integer kb/s, integer MB of
 memory, 5 samples per slot (one a minute) with some missed, 2 % of the slots
-empty (NaN gaps) and 10 % of the VMs without network figures. The store goes
+empty (NaN gaps) and 10 % of the VMs without network figures; each VM's daily
+profile is full (VMs held for over a day), its window's slot means perturbed by
+up to 10 % (full-entropy float32, NaN where the slot was empty). The store goes
 into a ``Pipeline`` as partition 0 and the snapshot is taken the way the worker
 takes it:
 
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from app.settings import Settings
-from gpu_kernels.features import WINDOW_CHANNELS
+from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, slots_per_day
 from streams.pipeline import PartitionState, Pipeline
 from streams.recovery import SnapshotStore
 from streams.testing import store_differences
@@ -90,6 +92,15 @@ def fill_store(n_vms: int, n_slots: int = 288, slot_s: int = 300, ttl_s: float =
         sums[counts == 0] = 0
         store.sums[r] = sums
         store.counts[r] = counts
+        P = slots_per_day(slot_s)
+        if S >= P:  # the profile: the newest day of slot means (NaN where empty), perturbed
+            tg = [_CH[t] for t in TARGETS]
+            newest = np.argsort(slot_of_pos)[-P:]  # ring positions of the newest day
+            c = counts[:, newest][:, :, tg]
+            mean = np.where(c > 0, sums[:, newest][:, :, tg] / np.maximum(c, 1), np.nan)
+            prof = np.empty((k, P, len(TARGETS)), np.float32)
+            prof[:, slot_of_pos[newest] % P] = mean * rng.uniform(0.9, 1.1, mean.shape)
+            store.profile[r] = prof
     store.last_slot[rows] = last_slot
     store.last_ts[rows] = last_slot * slot_s + rng.uniform(0, slot_s, n_vms)
     store.last_seen[rows] = now - rng.uniform(0, 120, n_vms)

@@ -26,7 +26,7 @@ QUANTILES: tuple[float, ...] = (0.5, 0.9)
 #: Targets modelled on a log1p scale (heavy-tailed rates); both features and labels.
 LOG1P_TARGETS: frozenset[str] = frozenset({"dirty_mbps", "net_mbps"})
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 DAY_S = 86400
 WEEK_S = 7 * DAY_S
 HOUR_S = 3600
@@ -42,6 +42,17 @@ CPU_IDLE_PCT, CPU_BUSY_PCT = 1.0, 99.0
 #: short name. ``{s}_level`` (median of the newest 15 min) was tried beyond 1 h: it lost at 6 h on
 #: Bitbrains, so persistence stays the anchor.
 LABEL_BASE = "{s}_last"
+#: The booster's label can also be divided by a per-VM scale (``training.fit.label_scale``), e.g.
+#: ``"{s}_std_24h"``, the VM's spread over the newest 24 h on the label scale, floored per target so
+#: idle VMs do not blow up. Off (None): on the validation splits it lost on Azure (cpu MAE
+#: 1.438 / 1.749 / 2.015 at 1 h / 6 h / 24 h vs 1.423 / 1.704 / 2.000) and was mixed on Bitbrains
+#: (cpu 24 h 9.67 vs 9.83 for the boosters, dirty-rate 1 h 8.60 vs 8.04).
+LABEL_SCALE: str | None = None
+LABEL_SCALE_FLOOR = {"cpu": 1.0, "dirty": 0.1, "net": 0.1}
+#: Weight of the newest day in the daily profile (an EWMA per time-of-day slot, ``folded``). 0.15 and 0.6
+#: scored the same as 0.3 on the Azure validation split (cpu MAE at 1 h / 6 h / 24 h: 1.428 / 1.698 /
+#: 2.005 and 1.424 / 1.701 / 1.993 vs 1.423 / 1.704 / 2.000).
+PROFILE_ALPHA = 0.3
 #: Epoch day 0 (1970-01-01) was a Thursday; Monday = 0.
 _EPOCH_DOW = 3
 
@@ -57,6 +68,7 @@ def _vm_feature_names() -> list[str]:
             names += [f"{s}_{stat}_{_SPAN_TAGS[span]}" for stat in _STATS]
         names.append(f"{s}_trend_1h")
         names += [f"{s}_mean_15m", f"{s}_level", f"{s}_last_dev_1h"]
+        names += [f"{s}_prof_err_1h", f"{s}_prof_err_24h", f"{s}_persist_err_24h", f"{s}_periodic"]
     names += ["cpu_idle_frac_1h", "cpu_busy_frac_1h"]
     names += ["staleness_slots", "vcpus", "mem_total_mb", "mem_util"]
     return names
@@ -66,7 +78,7 @@ def _horizon_feature_names() -> list[str]:
     names: list[str] = []
     for t in TARGETS:
         s = _SHORT[t]
-        names += [f"{s}_yday", f"{s}_yday_1h", f"{s}_lastweek"]
+        names += [f"{s}_yday", f"{s}_yday_1h", f"{s}_lastweek", f"{s}_prof", f"{s}_yday_delta", f"{s}_prof_delta"]
     names += ["horizon_h", "tod_sin", "tod_cos", "dow"]
     return names
 
@@ -86,11 +98,16 @@ def _spec() -> dict[str, Any]:
         "spans_s": list(SPANS_S),
         "transforms": {t: ("log1p" if t in LOG1P_TARGETS else "identity") for t in TARGETS},
         "label": f"booster learns transform(y) - {LABEL_BASE} (NaN -> 0), see training.fit.label_offset",
+        "label_scale": [LABEL_SCALE, LABEL_SCALE_FLOOR] if LABEL_SCALE else None,
         "level": f"median of the newest {LEVEL_S} s (else last); mean_15m over the same span; last_dev_1h = last - mean_1h",
         "cpu_frac": [CPU_IDLE_PCT, CPU_BUSY_PCT],
         "yday": "value at target slot - 1 day; mean of 1 h centred on it",
         "lastweek": "value at target slot - 7 days",
         "time": "target slot tod sin/cos, dow Monday=0 (UTC)",
+        "profile": f"EWMA (alpha {PROFILE_ALPHA}/day) per time-of-day slot of the slot means that left the window;"
+        " prof = at the target slot; prof_err_* = mean |x - prof| over the newest 1 h / 24 h;"
+        " persist_err_24h = mean |x_t - x_(t-1h)| over the newest 24 h; periodic = corr(x, prof) over the window;"
+        " *_delta = yday / prof minus last",
     }
 
 
@@ -151,7 +168,7 @@ def _targets_view(win: Any, xp: Any) -> Any:
     return tw
 
 
-def _vm_features(win: Any, tw: Any, attrs: Mapping[str, Any], slot_s: int, xp: Any) -> Any:
+def _vm_features(win: Any, tw: Any, attrs: Mapping[str, Any], slot_s: int, xp: Any, prof: Any) -> Any:
     """Horizon-independent features, (k, len(VM_FEATURE_NAMES))."""
     k, S, _ = win.shape
     cols: list[Any] = []
@@ -174,6 +191,7 @@ def _vm_features(win: Any, tw: Any, attrs: Mapping[str, Any], slot_s: int, xp: A
         for stats in per_span:
             cols += [s[:, t] for s in stats]
         cols += [trend[:, t], mean_15m[:, t], level[:, t], last_dev[:, t]]
+        cols += [prof[:, t, i] for i in range(prof.shape[-1])]
     cpu_1h = tw[:, TARGETS.index("cpu_pct"), S - n1h :]
     observed = ~xp.isnan(cpu_1h)
     for in_state in (cpu_1h <= CPU_IDLE_PCT, cpu_1h >= CPU_BUSY_PCT):  # share of observed slots idle / busy
@@ -208,17 +226,117 @@ def _lagged_mean(tw: Any, lag_slots: int, width: int, h: Any, xp: Any) -> Any:
     return _masked_mean(xp.where(ok, vals, xp.float32(xp.nan)), xp)
 
 
-def _horizon_features(tw: Any, last_slot: Any, h: Any, slot_s: int, xp: Any) -> Any:
-    """Features of each (VM, target slot), (k, H, len(HORIZON_FEATURE_NAMES))."""
+# --- daily profile ------------------------------------------------------------------
+#
+# Why: a 24 h window holds one example of each time of day, so "what happens at 14:00" rests on
+# one day. The profile keeps, per VM and time-of-day slot, an EWMA over the earlier days of the
+# slot means that *left* the window (the window store folds a slot in when its ring position is
+# reused), so serving needs (k, slots per day, targets) floats more per VM, and training
+# reconstructs the same state from the series (``profiles_at``).
+
+
+def slots_per_day(slot_s: int) -> int:
+    return max(1, DAY_S // int(slot_s))
+
+
+def folded(old: Any, x: Any, alpha: float = PROFILE_ALPHA, xp: Any = None) -> Any:
+    """One EWMA step of the profile: ``x`` (NaN = no value) folded into ``old`` (NaN = empty)."""
+    xp = array_module(old) if xp is None else xp
+    a = old.dtype.type(alpha)
+    new = xp.where(xp.isnan(old), x, old + a * (x - old))
+    return xp.where(xp.isnan(x), old, new)
+
+
+def profile_history(values: Any, slot_s: int, alpha: float = PROFILE_ALPHA, xp: Any = None) -> Any:
+    """``values (V, T, len(TARGETS))`` raw slot means -> the profile state of each slot's
+    time of day right after slot ``t`` was folded in (``(V, T, len(TARGETS))``, NaN before any)."""
+    xp = array_module(values) if xp is None else xp
+    P = slots_per_day(slot_s)
+    T = values.shape[1]
+    out = xp.full(values.shape, xp.nan, dtype=xp.float32)
+    for d in range(0, T, P):  # one vectorised step per day
+        hi = min(T, d + P)
+        prev = out[:, d - P : hi - P] if d >= P else xp.full_like(out[:, d:hi], xp.nan)
+        out[:, d:hi] = folded(prev, values[:, d:hi].astype(xp.float32), alpha, xp)
+    return out
+
+
+def profiles_at(
+    series: Any, first_slot: int, origins: Any, window_slots: int, slot_s: int, alpha: float = PROFILE_ALPHA, xp: Any = None
+) -> Any:
+    """The window store's profile at each origin: ``series (V, T, C)`` -> ``(V * n_o, P, len(TARGETS))``,
+    VM-major like ``windows_at``: tod slot ``j`` holds the EWMA of the slots with that time of day
+    up to the newest one that had left a window ending at the origin (index ``<= origin - S``)."""
+    xp = array_module(series) if xp is None else xp
+    V = series.shape[0]
+    P = slots_per_day(slot_s)
+    cols = [WINDOW_CHANNELS.index(t) for t in TARGETS]
+    hist = profile_history(series[:, :, cols], slot_s, alpha, xp)
+    o = xp.asarray(origins, dtype=xp.int64).reshape(-1)
+    left = o - int(window_slots)  # newest index that has left the window
+    j = xp.arange(P, dtype=xp.int64)
+    t_star = left[:, None] - ((left[:, None] - (j[None, :] - int(first_slot))) % P)  # (n_o, P)
+    ok = t_star >= 0
+    prof = hist[:, xp.clip(t_star, 0, None)]  # (V, n_o, P, TG)
+    prof = xp.where(ok[None, :, :, None], prof, xp.float32(xp.nan))
+    return prof.reshape(V * o.shape[0], P, len(TARGETS))
+
+
+def _profile_view(profile: Any, abs_slots: Any, xp: Any) -> Any:
+    """``profile (k, P, TG)`` raw, ``abs_slots (k, n)`` -> ``(k, TG, n)`` on the model's scale."""
+    P = profile.shape[1]
+    vals = xp.take_along_axis(profile, (abs_slots % P)[:, :, None], axis=1)  # (k, n, TG)
+    vals = vals.transpose(0, 2, 1).astype(xp.float32)
+    logs = [i for i, t in enumerate(TARGETS) if t in LOG1P_TARGETS]
+    vals[:, logs, :] = xp.log1p(xp.maximum(vals[:, logs, :], 0))
+    return vals
+
+
+def _profile_features(tw: Any, profile: Any, last_slot: Any, slot_s: int, xp: Any) -> Any:
+    """Per-VM profile features ``(k, TG, 4)``: prof_err_1h, prof_err_24h, persist_err_24h, periodic."""
+    k, T, S = tw.shape
+    n1h = _span_slots(HOUR_S, slot_s, S)
+    nday = _span_slots(DAY_S, slot_s, S)
+    if profile is None:
+        prof_w = xp.full_like(tw, xp.nan)
+    else:
+        abs_w = last_slot[:, None] - S + 1 + xp.arange(S, dtype=xp.int64)[None, :]
+        prof_w = _profile_view(profile, abs_w, xp)
+    err = xp.abs(tw - prof_w)
+    e1 = _masked_mean(err[:, :, S - n1h :], xp)
+    e24 = _masked_mean(err[:, :, S - nday :], xp)
+    tail = tw[:, :, S - nday :]
+    step = xp.abs(tail[:, :, n1h:] - tail[:, :, :-n1h]) if tail.shape[-1] > n1h else tail[:, :, :0]
+    pers = _masked_mean(step, xp) if step.shape[-1] else xp.full((k, T), xp.nan, xp.float32)
+    both = ~xp.isnan(tw) & ~xp.isnan(prof_w)
+    n = both.sum(axis=-1).astype(xp.float32)
+    a = xp.where(both, tw, 0)
+    b = xp.where(both, prof_w, 0)
+    nn = xp.maximum(n, 1)
+    ma, mb = a.sum(-1) / nn, b.sum(-1) / nn
+    da, db = xp.where(both, tw - ma[..., None], 0), xp.where(both, prof_w - mb[..., None], 0)
+    cov = (da * db).sum(-1)
+    den = xp.sqrt((da * da).sum(-1) * (db * db).sum(-1))
+    corr = xp.where((n >= 3) & (den > 0), cov / xp.where(den > 0, den, 1), xp.float32(xp.nan))
+    return xp.stack([e1, e24, pers, corr], axis=-1).astype(xp.float32)
+
+
+def _horizon_features(tw: Any, last: Any, profile: Any, last_slot: Any, h: Any, slot_s: int, xp: Any) -> Any:
+    """Features of each (VM, target slot), (k, H, len(HORIZON_FEATURE_NAMES)); ``last (k, TG)``."""
     k, _, S = tw.shape
     day = DAY_S // slot_s
     n1h = _span_slots(HOUR_S, slot_s, S)
     yday = _lagged(tw, day, h, xp)
     yday_1h = _lagged_mean(tw, day, n1h, h, xp)
     week = _lagged(tw, WEEK_S // slot_s, h, xp)
+    if profile is None:
+        prof = xp.full_like(yday, xp.nan)
+    else:
+        prof = _profile_view(profile, last_slot[:, None] + h[None, :], xp)  # (k, TG, H)
     cols: list[Any] = []
     for t in range(len(TARGETS)):
-        cols += [yday[:, t], yday_1h[:, t], week[:, t]]
+        lt = last[:, t, None]
+        cols += [yday[:, t], yday_1h[:, t], week[:, t], prof[:, t], yday[:, t] - lt, prof[:, t] - lt]
     t_abs = (last_slot[:, None] + h[None, :]) * slot_s  # (k, H) int64 epoch seconds of the target slot
     phase = (t_abs % DAY_S).astype(xp.float64) * (2 * np.pi / DAY_S)
     dow = ((t_abs // DAY_S) + _EPOCH_DOW) % 7
@@ -234,11 +352,14 @@ def build_features(
     horizons: Any,
     slot_s: int,
     xp: Any = None,
+    profile: Any = None,
 ) -> Any:
     """Feature matrix ``(k * H, len(FEATURE_NAMES))`` float32, VM-major rows, on ``win``'s device.
 
     ``attrs`` holds ``mem_total_mb`` and ``vcpus`` (k,) (NaN allowed); ``last_slot`` (k,)
-    int64 absolute slot of the newest window slot; ``horizons`` (H,) int slots ahead (>= 1).
+    int64 absolute slot of the newest window slot; ``horizons`` (H,) int slots ahead (>= 1);
+    ``profile`` ``(k, slots_per_day, len(TARGETS))`` raw daily profile indexed by
+    ``absolute slot % slots_per_day`` (the window store's, or ``profiles_at``; None: unknown).
     """
     xp = array_module(win) if xp is None else xp
     win = xp.asarray(win)
@@ -252,9 +373,15 @@ def build_features(
     if last_slot.shape[0] != k:
         raise ValueError(f"last_slot has {last_slot.shape[0]} entries for {k} VMs")
     H = int(h.shape[0])
+    if profile is not None:
+        profile = xp.asarray(profile, dtype=xp.float32)
+        if profile.ndim != 3 or profile.shape[0] != k or profile.shape[2] != len(TARGETS):
+            raise ValueError(f"profile must be (k={k}, slots per day, {len(TARGETS)}), got {profile.shape}")
     tw = _targets_view(win, xp)
-    vm = _vm_features(win, tw, attrs, slot_s, xp)
-    hz = _horizon_features(tw, last_slot, h, slot_s, xp)
+    pf = _profile_features(tw, profile, last_slot, slot_s, xp)
+    vm = _vm_features(win, tw, attrs, slot_s, xp, pf)
+    last = vm[:, [VM_FEATURE_NAMES.index(f"{_SHORT[t]}_last") for t in TARGETS]]
+    hz = _horizon_features(tw, last, profile, last_slot, h, slot_s, xp)
     X = xp.empty((k, H, len(FEATURE_NAMES)), dtype=xp.float32)
     X[:, :, : vm.shape[1]] = vm[:, None, :]
     X[:, :, vm.shape[1] :] = hz
@@ -303,9 +430,10 @@ def training_examples(
     h = xp.asarray(horizons, dtype=xp.int64).reshape(-1)
     n_o, H = int(o.shape[0]), int(h.shape[0])
     win = windows_at(series, o, window_slots, xp)
+    prof = profiles_at(series, first_slot, o, window_slots, slot_s, xp=xp)
     rep = {name: xp.repeat(xp.asarray(attrs[name], dtype=xp.float32).reshape(V), n_o) for name in ("vcpus", "mem_total_mb")}
     last_slot = xp.tile(o + first_slot, V)
-    X = build_features(win, rep, last_slot, h, slot_s, xp)
+    X = build_features(win, rep, last_slot, h, slot_s, xp, profile=prof)
     tgt = o[:, None] + h[None, :]  # (n_o, H) index into T
     inside = tgt < T
     cols = [WINDOW_CHANNELS.index(t) for t in TARGETS]

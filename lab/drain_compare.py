@@ -245,12 +245,12 @@ def _experiment(settings: Settings, root: Path, *, guests: int, k: int, deadline
                                  stdout=open(logs[1], "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115  # fmt: skip
 
         def score(vm: str) -> dict[str, str]:
-            return {k.decode(): v.decode() for k, v in client.hgetall(f"{settings.redis_prefix}vm:{vm}").items()}
+            return {k.decode(): v.decode() for k, v in client.hgetall(settings.redis_keys().vm(vm)).items()}
 
         def live(vm: str) -> bool:
             h = score(vm)
             return h.get("model") == model and float(h.get("last_ts", 0)) >= origin and \
-                client.exists(f"{settings.redis_prefix}curve:{vm}") == 1  # fmt: skip
+                client.exists(settings.redis_keys().curve(vm)) == 1  # fmt: skip
 
         _wait(lambda: all(live(vm) for vm in names), "live scores by the retrained model", 180, *logs)
 

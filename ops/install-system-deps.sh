@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages zhuge's local services and tests use, when missing:
-# redis-server, Java 17 and Maven (the Kafka broker's jars come from Maven Central),
-# openssl (the local CA of a TLS stack), Prometheus (the dashboard-query test) and the
+# redis-server, redis-cli (redis-tools, a dependency of Debian's redis-server: joins the
+# tests' local Redis Cluster), Java 17 and Maven (the Kafka broker's jars come from Maven
+# Central), openssl (the local CA of a TLS stack), Prometheus (the dashboard-query test) and the
 # QEMU lab's parts: qemu-system-x86, a Debian kernel for the guests (linux-image-cloud-amd64),
 # busybox-static, iproute2 (network namespaces, tc) and a C compiler with static libc (the
 # guest workload); Chromium and its WebDriver (the web page's browser test) and wrk (the
@@ -11,6 +12,7 @@
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)  # joins the Redis Cluster of tests/integration/test_redis_cluster.py
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v openssl >/dev/null || need+=(openssl)

@@ -107,12 +107,12 @@ class Curve:
         return self.t0 + self.slot_s * (self.horizons.astype(np.float64) - 1)
 
     def per_slot(self, target: str, quantile: float) -> np.ndarray:
-        """One target's forecast quantile interpolated to every slot (as the scorer did)."""
-        from streams.scorer import interp_weights
+        """One target's forecast quantile at every slot, as the scorer read it (``per_slot_quantiles``)."""
+        from streams.scorer import interp_weights, per_slot_quantiles
 
         lo, hi, w = interp_weights(self.horizons, len(self.downtime_ms))
-        q = self.forecast[:, TARGETS.index(target), QUANTILES.index(quantile)]
-        return q[lo] * (1 - w) + q[hi] * w
+        q = per_slot_quantiles(self.forecast[None, :, TARGETS.index(target), :], lo, hi, w, np)[0]
+        return q[:, QUANTILES.index(quantile)]
 
     def to_json(self) -> dict[str, Any]:
         """The API's ``curve`` object: lists of plain floats, non-finite values as null."""

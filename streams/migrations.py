@@ -43,11 +43,12 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
+from streams.redis_keys import CORRECTION, RedisKeys
 from streams.schema import CONTROL_REASON, Limits, ObjectDecoder, Rejected, bound_text, has_control
 
 log = logging.getLogger(__name__)
 
-CORRECTION_KEY = "correction"  # Redis key: <prefix>correction
+CORRECTION_KEY = CORRECTION  # Redis key: <prefix>correction (``RedisKeys.correction``, the same in both layouts)
 STATE_VERSION = 1
 _Str = Annotated[str, Meta(max_length=256)]
 _NonNeg = Annotated[float, Meta(ge=0)]
@@ -513,9 +514,10 @@ async def _scores(client: Any, prefix: str, vms: list[str],
     if not rows:
         return pred, host, last_ts
     uniq = sorted({vms[i] for i in rows})
+    keys = RedisKeys.for_client(client, prefix)
     async with client.pipeline(transaction=False) as pipe:
         for vm in uniq:
-            pipe.hmget(f"{prefix}vm:{vm}", "now_downtime_ms", "host", "last_ts")
+            pipe.hmget(keys.vm(vm), "now_downtime_ms", "host", "last_ts")
         got = await pipe.execute()
     score = {vm: (_num(r[0]), "" if r[1] is None else _text(r[1]), _num(r[2])) for vm, r in zip(uniq, got, strict=True)}
     pred[rows] = [score[vms[i]][0] for i in rows]

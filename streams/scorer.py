@@ -69,6 +69,24 @@ def interp_weights(horizons: Any, horizon_slots: int) -> tuple[np.ndarray, np.nd
     return lo, hi, w.astype(np.float32)
 
 
+def per_slot_quantiles(grid: Any, lo: Any, hi: Any, w: Any, xp: Any) -> Any:
+    """Grid forecasts ``(k, H, ..., 2)`` (q50, q90 last) -> every slot ``(k, T, ..., 2)``.
+
+    The median is linear between grid points; the q90 takes the larger of the two grid points
+    around a slot. Why: between two grid horizons nothing says where a change happens, and an
+    upper forecast that dips linearly from a busy grid point to a quiet one made the lab's
+    recommended window start 45 min before its guest's busy phase ended (forecast at 10:10
+    with grid points at 14:10, busy, and 16:10, quiet). The envelope waits for the quiet point.
+    """
+    extra = (None,) * (grid.ndim - 3)  # axes between the horizon and the quantile
+    wl = (1 - w)[(None, slice(None), *extra)]
+    wh = w[(None, slice(None), *extra)]
+    a, b = grid[:, lo], grid[:, hi]
+    q50 = a[..., 0] * wl + b[..., 0] * wh
+    q90 = xp.maximum(a[..., 1], b[..., 1])
+    return xp.stack([q50, q90], axis=-1)
+
+
 def _latest_observed(x: Any, xp: Any) -> Any:
     """Newest non-NaN value along the last axis of ``(k, S)``; NaN when none."""
     valid = ~xp.isnan(x)
@@ -79,11 +97,14 @@ def _latest_observed(x: Any, xp: Any) -> Any:
 
 
 def forecast_grid(win: Any, attrs: dict[str, Any], model: Any, slot_s: int, xp: Any, device: str) -> Any:
-    """The model's forecast on its horizon grid: ``(k, H, len(TARGETS), 2 quantiles)`` float32."""
+    """The model's forecast on its horizon grid: ``(k, H, len(TARGETS), 2 quantiles)`` float32.
+
+    ``attrs["profile"]`` (optional): the VMs' daily profiles (``WindowStore.profiles``); absent/None: unknown.
+    """
     k = win.shape[0]
     last_slot = xp.asarray(attrs["last_slot"], dtype=xp.int64)
     feat_attrs = {name: xp.asarray(attrs[name], dtype=xp.float32) for name in ("mem_total_mb", "vcpus")}
-    X = build_features(win, feat_attrs, last_slot, model.horizons, slot_s, xp)
+    X = build_features(win, feat_attrs, last_slot, model.horizons, slot_s, xp, profile=attrs.get("profile"))
     H = len(model.horizons)
     return xp.asarray(model.predict(X, device=device), dtype=xp.float32).reshape(k, H, len(TARGETS), 2)
 
@@ -121,7 +142,7 @@ def score_windows(
         pred = forecast_grid(win, attrs, model, slot_s, xp, device)
     lo, hi, w = (xp.asarray(a) for a in interp_weights(model.horizons, horizon_slots))
     sub = pred[:, :, [_T_DIRTY, _T_NET], :]  # only what the downtime model needs
-    q = sub[:, lo] * (1 - w)[None, :, None, None] + sub[:, hi] * w[None, :, None, None]  # (k, T, 2, 2)
+    q = per_slot_quantiles(sub, lo, hi, w, xp)  # (k, T, 2, 2)
     q = xp.maximum(xp.nan_to_num(q, nan=0.0), 0)
     dirty50, dirty90 = q[:, :, 0, 0], xp.maximum(q[:, :, 0, 1], q[:, :, 0, 0])
     net90 = xp.maximum(q[:, :, 1, 1], q[:, :, 1, 0])
@@ -193,7 +214,8 @@ class Scorer:
     the strict minimum (``min_*``); the recommended window (``best_*``) follows
     the settings' ``window_tolerance_ms``, ``window_tolerance_rel`` and
     ``window_min_p_ok``. ``curves``: attach each VM's ``streams.curve`` blob to the
-    batch (what ``zhuge api`` and the drain planner read).
+    batch (what ``zhuge api`` and the drain planner read). ``accuracy``: optional
+    ``streams.accuracy.LiveAccuracy``, shown every forecast run (live accuracy).
     """
 
     def __init__(
@@ -205,8 +227,10 @@ class Scorer:
         tol_ms: float = 1.0,
         correction: Any = None,
         curves: bool = True,
+        accuracy: Any = None,
     ) -> None:
         self.settings = settings
+        self.accuracy = accuracy  # streams.accuracy.LiveAccuracy: keeps the served forecasts of sampled VMs
         self.curves = curves
         self.model_provider = model_provider
         self.xp = xp
@@ -238,7 +262,10 @@ class Scorer:
         if stale.size:
             win = store.window(chunk[stale])  # the full window only where the model runs
             sub_attrs = {name: attrs[name][stale] for name in ("last_slot", "mem_total_mb", "vcpus")}
+            sub_attrs["profile"] = store.profiles(chunk[stale])
             pred = forecast_grid(win, sub_attrs, model, self.settings.slot_s, self.xp, self.device)
+            if self.accuracy is not None:  # realised errors of earlier forecasts, then these kept (never raises)
+                self.accuracy.observe(attrs["vm"], stale, sub_attrs["last_slot"], win, pred, model.horizons)
             store.put_forecast(chunk[stale], pred, key)
             self.forecasts_run += int(stale.size)
         return store.get_forecast(chunk)

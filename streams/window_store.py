@@ -3,6 +3,13 @@
 Layout: ``sums`` and ``counts`` of shape ``(capacity, n_slots, C)`` (C =
 ``WINDOW_CHANNELS``) live on the compute device (NumPy or CuPy ``xp``); slot
 ``s`` (absolute, ``floor(ts / slot_s)``) sits at ring position ``s % n_slots``.
+Beside them, ``profile (capacity, P, len(TARGETS))`` float32 (P =
+``features.slots_per_day(slot_s)``, NaN = nothing yet) holds each VM's daily
+profile: per time-of-day slot ``j = s % P``, the EWMA (``features.folded``,
+weight ``PROFILE_ALPHA`` on the newest) of the target means of the slots with
+that time of day that have *left* the window, folded in slot order when their
+ring position is reused (``update``); training rebuilds the same state from a
+series with ``features.profiles_at``.
 Row metadata (newest slot, newest sample time, when the VM was last heard
 from, memory size, vCPUs, host code, latest network rate, last scoring) stays in
 NumPy on the host: it is small and the VM -> row mapping needs it. ``update`` is
@@ -26,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from gpu_kernels.downtime import dirty_rate_proxy
-from gpu_kernels.features import WINDOW_CHANNELS
+from gpu_kernels.features import PROFILE_ALPHA, TARGETS, WINDOW_CHANNELS, folded, slots_per_day
 from gpu_kernels.xp import to_numpy
 
 from streams.schema import METRICS
@@ -34,9 +41,11 @@ from streams.schema import METRICS
 C = len(WINDOW_CHANNELS)
 _M = {name: i for i, name in enumerate(METRICS)}
 _CH = {name: i for i, name in enumerate(WINDOW_CHANNELS)}
-# 2: counts in the smallest unsigned dtype that holds their maximum; 1: counts int32 (still restored)
-SNAPSHOT_VERSION = 2
-RESTORES_VERSIONS = (1, 2)
+_TARGET_CH = [_CH[t] for t in TARGETS]  # the profile's channels, in TARGETS order
+# 3: plus the daily profile; 2: counts in the smallest unsigned dtype that holds their maximum;
+# 1: counts int32. 1 and 2 still restore (with an empty profile: it refills as slots leave the window).
+SNAPSHOT_VERSION = 3
+RESTORES_VERSIONS = (1, 2, 3)
 SNAPSHOT_CHUNK_ROWS = 4096  # rows copied at a time (bounded temporaries; the copying thread yields the GIL between)
 
 
@@ -82,9 +91,11 @@ class WindowStore:
         if n_slots < 2 or slot_s <= 0 or capacity < 1:
             raise ValueError("need n_slots >= 2, slot_s > 0 and capacity >= 1")
         self.n_slots, self.slot_s, self.ttl_s, self.xp = int(n_slots), int(slot_s), float(ttl_s), xp
+        self.slots_per_day = slots_per_day(self.slot_s)
         self.capacity = 0
         self.sums = xp.zeros((0, self.n_slots, C), dtype=xp.float32)
         self.counts = xp.zeros((0, self.n_slots, C), dtype=xp.int32)
+        self.profile = xp.full((0, self.slots_per_day, len(TARGETS)), np.nan, dtype=xp.float32)
         self.last_slot = np.zeros(0, dtype=np.int64)
         self.last_ts = np.zeros(0, dtype=np.float64)
         self.last_seen = np.zeros(0, dtype=np.float64)
@@ -117,8 +128,9 @@ class WindowStore:
         xp, old = self.xp, self.capacity
         sums = xp.zeros((new_cap, self.n_slots, C), dtype=xp.float32)
         counts = xp.zeros((new_cap, self.n_slots, C), dtype=xp.int32)
-        sums[:old], counts[:old] = self.sums, self.counts
-        self.sums, self.counts = sums, counts
+        profile = xp.full((new_cap, self.slots_per_day, len(TARGETS)), np.nan, dtype=xp.float32)
+        sums[:old], counts[:old], profile[:old] = self.sums, self.counts, self.profile
+        self.sums, self.counts, self.profile = sums, counts, profile
         pad = new_cap - old
         self.last_slot = np.concatenate([self.last_slot, np.full(pad, -1, np.int64)])
         self.last_ts = np.concatenate([self.last_ts, np.full(pad, -np.inf)])
@@ -144,6 +156,7 @@ class WindowStore:
         r_dev = self.xp.asarray(rows)
         self.sums[r_dev] = 0
         self.counts[r_dev] = 0
+        self.profile[r_dev] = np.nan
         self.last_slot[rows] = -1
         self.last_ts[rows] = -np.inf
         self.last_seen[rows] = -np.inf
@@ -193,8 +206,9 @@ class WindowStore:
         """Add a batch of samples; returns the (distinct) rows touched.
 
         Samples average into their slot; a VM moving to a newer slot clears the
-        slots in between (gaps stay NaN); samples older than the window are
-        dropped and counted in ``dropped_old``. ``seen``: when each sample arrived
+        slots in between (gaps stay NaN), folding the slots that leave the window
+        into the daily profile first (``_fold_leaving``); samples older than the
+        window are dropped and counted in ``dropped_old``. ``seen``: when each sample arrived
         (wall clock, epoch s; one number or one per sample; default now), kept
         per VM as ``last_seen`` for eviction.
         """
@@ -225,7 +239,9 @@ class WindowStore:
         if gap.any():
             rep_rows = np.repeat(urows, gap)
             offs = np.arange(int(gap.sum())) - np.repeat(np.cumsum(gap) - gap, gap)
-            pos = (np.repeat(old, gap) + 1 + offs) % S
+            slot_in = np.repeat(old, gap) + 1 + offs  # the slot that takes the position over
+            pos = slot_in % S
+            self._fold_leaving(rep_rows, pos, slot_in - S, offs)
             r_dev, p_dev = self.xp.asarray(rep_rows), self.xp.asarray(pos)
             self.sums[r_dev, p_dev] = 0
             self.counts[r_dev, p_dev] = 0
@@ -275,10 +291,42 @@ class WindowStore:
             self.host_code[urows[g[newer]]] = code[newer].astype(np.int32)
         return urows
 
+    def _fold_leaving(self, rows: np.ndarray, pos: np.ndarray, slots: np.ndarray, offs: np.ndarray) -> None:
+        """Fold the slots about to leave the window into the profile (before their positions are cleared).
+
+        ``rows``/``pos``/``slots``: one entry per leaving slot (row, ring position, absolute
+        slot), each row's run in increasing slot order; ``offs`` numbers the entries of a run
+        from 0. A run longer than a day (``n_slots`` > slots per day) holds the same time of
+        day more than once: it is folded in rounds of at most one day, oldest first, so every
+        (row, time of day) is written once per round and the EWMA sees the slots in order.
+        Empty slots (no count) leave the profile as it was.
+        """
+        xp, P = self.xp, self.slots_per_day
+        if offs.size == 0:
+            return
+        rounds = offs // P
+        n_rounds = int(rounds.max()) + 1
+        for r in range(n_rounds):
+            pick = slice(None) if n_rounds == 1 else np.flatnonzero(rounds == r)
+            r_dev, p_dev = xp.asarray(rows[pick]), xp.asarray(pos[pick])
+            j_dev = xp.asarray(slots[pick] % P)
+            s = self.sums[r_dev, p_dev][:, _TARGET_CH]
+            c = self.counts[r_dev, p_dev][:, _TARGET_CH]
+            mean = xp.where(c > 0, s / xp.maximum(c, 1).astype(xp.float32), xp.float32(np.nan)).astype(xp.float32)
+            self.profile[r_dev, j_dev] = folded(self.profile[r_dev, j_dev], mean, PROFILE_ALPHA, xp)
+
     # ------------------------------------------------------------------ reads
     def windows(self, rows: Any) -> tuple[Any, dict[str, Any]]:
-        """Window tensor ``(k, n_slots, C)`` float32 oldest -> newest (NaN gaps) and attributes."""
-        return self.window(rows), self.attrs(rows)
+        """Window tensor ``(k, n_slots, C)`` float32 oldest -> newest (NaN gaps) and attributes,
+        with ``attrs["profile"]`` the rows' daily profiles (:meth:`profiles`, on the device)."""
+        attrs = self.attrs(rows)
+        attrs["profile"] = self.profiles(rows)
+        return self.window(rows), attrs
+
+    def profiles(self, rows: Any) -> Any:
+        """Daily profiles ``(k, slots_per_day, len(TARGETS))`` float32 raw scale (NaN: nothing folded
+        yet), indexed by ``absolute slot % slots_per_day``, on the store's device (a copy)."""
+        return self.profile[self.xp.asarray(np.asarray(rows, dtype=np.int64))]
 
     def window(self, rows: Any) -> Any:
         """Window tensor ``(k, n_slots, C)`` float32 oldest -> newest (NaN gaps), on the store's device."""
@@ -377,12 +425,12 @@ class WindowStore:
         """Bytes held by the store's arrays (device and host)."""
         host = sum(a.nbytes for a in self._host_arrays().values())
         cache = 0 if self.forecast is None else self.forecast.nbytes + self.forecast_slot.nbytes
-        return int(self.sums.nbytes + self.counts.nbytes + host + cache)
+        return int(self.sums.nbytes + self.counts.nbytes + self.profile.nbytes + host + cache)
 
     @property
     def nbytes_per_vm(self) -> int:
-        """Bytes one row costs (slot sums and counts plus metadata)."""
-        per_row_device = self.n_slots * C * (4 + 4)
+        """Bytes one row costs (slot sums and counts, the daily profile, metadata)."""
+        per_row_device = self.n_slots * C * (4 + 4) + self.slots_per_day * len(TARGETS) * 4
         per_row_host = sum(a.itemsize for a in self._host_arrays().values())
         return per_row_device + per_row_host
 
@@ -408,7 +456,8 @@ class WindowStore:
         The copy of 100k VMs takes a few hundred ms: call it in a thread, with the
         store kept still meanwhile (the pipeline holds its lock), never on the event
         loop. ``counts`` come in the smallest unsigned dtype that holds their
-        maximum (uint8 for up to 255 samples per slot), ``sums`` as they are.
+        maximum (uint8 for up to 255 samples per slot), ``sums`` and ``profile``
+        as they are (the file's byte planes shrink a young VM's all-NaN profile to little).
         """
         rows = self.active_rows()
         n, xp = rows.shape[0], self.xp
@@ -416,13 +465,15 @@ class WindowStore:
         top = int(self.counts.max()) if self.capacity else 0  # released rows are zeroed: the active rows' max
         sums = np.empty((n, self.n_slots, C), dtype=np.float32)
         counts = np.empty((n, self.n_slots, C), dtype=np.min_scalar_type(top))
+        profile = np.empty((n, self.slots_per_day, len(TARGETS)), dtype=np.float32)
         dense = n > 0 and int(rows[-1]) == n - 1  # rows 0..n-1 (sorted, distinct): plain slices
         for lo in range(0, n, SNAPSHOT_CHUNK_ROWS):
             hi = min(n, lo + SNAPSHOT_CHUNK_ROWS)
             pick = slice(lo, hi) if dense else xp.asarray(rows[lo:hi])
             sums[lo:hi] = to_numpy(self.sums[pick])
             counts[lo:hi] = to_numpy(self.counts[pick])  # exact: every count is <= top
-        out["sums"], out["counts"] = sums, counts
+            profile[lo:hi] = to_numpy(self.profile[pick])
+        out["sums"], out["counts"], out["profile"] = sums, counts, profile
         out["vm"] = np.array([self.vm_of_row[r] for r in rows.tolist()], dtype=np.str_)
         out["hosts"] = np.array(self.hosts, dtype=np.str_)
         out["config"] = np.array([SNAPSHOT_VERSION, self.n_slots, self.slot_s, self.ttl_s, self.dropped_old], dtype=np.float64)
@@ -430,10 +481,14 @@ class WindowStore:
 
     @classmethod
     def restore(cls, arrays: dict[str, np.ndarray], xp: Any = np) -> WindowStore:
-        """Rebuild a store from :meth:`snapshot` output (e.g. loaded from ``np.load``), of any version in ``RESTORES_VERSIONS``."""
+        """Rebuild a store from :meth:`snapshot` output (e.g. loaded from ``np.load``), of any version in ``RESTORES_VERSIONS``.
+
+        Versions 1 and 2 hold no profile: it starts empty (NaN) and refills as slots leave the window.
+        """
         version, n_slots, slot_s, ttl_s, dropped = np.asarray(arrays["config"]).tolist()
-        if int(version) not in RESTORES_VERSIONS:
-            raise ValueError(f"window snapshot version {int(version)} is not one of {RESTORES_VERSIONS}")
+        version = int(version)
+        if version not in RESTORES_VERSIONS:
+            raise ValueError(f"window snapshot version {version} is not one of {RESTORES_VERSIONS}")
         vms = [str(v) for v in np.asarray(arrays["vm"]).tolist()]
         cap = 64
         while cap < len(vms):
@@ -453,6 +508,12 @@ class WindowStore:
             raise ValueError(f"window snapshot arrays of shape {sums.shape}/{counts.shape}, expected {(len(vms), store.n_slots, C)}")
         if counts.dtype.kind not in "ui" or (counts.dtype.kind == "i" and counts.size and int(counts.min()) < 0):
             raise ValueError(f"window snapshot counts must be non-negative integers, got {counts.dtype}")
+        profile = None
+        if version >= 3:
+            profile = np.asarray(arrays["profile"])
+            want = (len(vms), store.slots_per_day, len(TARGETS))
+            if profile.shape != want or profile.dtype.kind != "f":
+                raise ValueError(f"window snapshot profile of shape {profile.shape} ({profile.dtype}), expected {want} float")
         n = len(vms)  # a fresh store hands out rows 0..n-1 in order
         dense = n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1)
         for lo in range(0, n, SNAPSHOT_CHUNK_ROWS):  # chunks: no whole-store int32/float32 temporaries
@@ -460,6 +521,8 @@ class WindowStore:
             pick = slice(lo, hi) if dense else xp.asarray(rows[lo:hi])
             store.sums[pick] = xp.asarray(sums[lo:hi], dtype=xp.float32)
             store.counts[pick] = xp.asarray(counts[lo:hi])  # cast to int32 on assignment
+            if profile is not None:
+                store.profile[pick] = xp.asarray(profile[lo:hi], dtype=xp.float32)
         return store
 
 

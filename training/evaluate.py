@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from gpu_kernels.accuracy import BUCKETS  # one definition: the worker's live accuracy uses the same buckets
 from training.baselines import BASELINES, last_valid, rolling_mean, seasonal_naive
 from training.dataset import CHANNELS, Panel, panel_examples, sample_origins
 from training.fit import TrainingKnobs
 
-BUCKETS: dict[str, tuple[int, int]] = {"1h": (0, 3600), "6h": (3600, 6 * 3600), "24h": (6 * 3600, 24 * 3600)}
 METHODS = ("model", *BASELINES)
 Progress = Callable[[str, float], None]  # (phase, fraction done)
 
@@ -71,8 +71,10 @@ def split_index(panel: Panel, train_frac: float) -> int:
     return int(round(panel.n_slots * train_frac))
 
 
-def fit_model(panel: Panel, end: int, settings: Any, cfg: BacktestConfig, *, dask_client: Any = None) -> Any:
-    """Fit a ``ForecastModel`` on labels before slot index ``end`` (in-process, or on Dask)."""
+def fit_model(
+    panel: Panel, end: int, settings: Any, cfg: BacktestConfig, *, start: int = 0, dask_client: Any = None
+) -> Any:
+    """Fit a ``ForecastModel`` on labels in slot indexes ``[start, end)`` (in-process, or on Dask)."""
     from training.fit import fit_forecaster
     from training.model import ForecastModel, default_horizons
 
@@ -80,7 +82,7 @@ def fit_model(panel: Panel, end: int, settings: Any, cfg: BacktestConfig, *, das
     S, slot_s = settings.window_slots, settings.slot_s
     horizons = default_horizons(settings.horizon_slots)
     rng = np.random.default_rng(cfg.seed)
-    origins = sample_origins(end, S // 2, end - 1, cfg.train_origin_every, rng)
+    origins = sample_origins(end, max(S // 2, start), end - 1, cfg.train_origin_every, rng)
     X, Y = panel_examples(panel, origins, horizons, S, slot_s, end=end)
     if X.shape[0] == 0:
         raise ValueError("no training example before the split: the trace is too short")
@@ -97,7 +99,7 @@ def fit_model(panel: Panel, end: int, settings: Any, cfg: BacktestConfig, *, das
         boosters=boosters,
         horizons=horizons,
         slot_s=slot_s,
-        training_range=(int(first), int(first + (end - 1) * slot_s)),
+        training_range=(int(first + start * slot_s), int(first + (end - 1) * slot_s)),
         metrics={"rows": float(X.shape[0]), "fit_s": round(time.perf_counter() - tic, 3)},
     )
 
@@ -146,11 +148,18 @@ def regret_of(costs: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 def backtest(
-    panel: Panel, model: Any, split: int, settings: Any, cfg: BacktestConfig, progress: Progress = _noop
+    panel: Panel,
+    model: Any,
+    split: int,
+    settings: Any,
+    cfg: BacktestConfig,
+    progress: Progress = _noop,
+    end: int | None = None,
 ) -> BacktestResult:
-    """Score ``model`` and the baselines from origins after ``split`` (see module doc)."""
+    """Score ``model`` and the baselines from origins after ``split`` whose full horizon ends
+    before ``end`` (default: the end of the trace; see module doc)."""
     from gpu_kernels.downtime import PrecopyParams
-    from gpu_kernels.features import TARGETS, build_features, windows_at
+    from gpu_kernels.features import TARGETS, build_features, profiles_at, windows_at
     from gpu_kernels.window import best_window
     from streams.scorer import score_windows
 
@@ -158,7 +167,7 @@ def backtest(
     horizons = np.asarray(model.horizons, dtype=np.int64)
     H = horizons.size
     hours = horizons * slot_s
-    T = panel.n_slots
+    T = panel.n_slots if end is None else min(end, panel.n_slots)
     origins = np.arange(split - 1, T - Hs, cfg.test_origin_every, dtype=np.int64)
     if origins.size == 0:
         raise ValueError("no test origin with a full horizon after the split: the trace is too short")
@@ -169,8 +178,8 @@ def backtest(
     # in-sample seasonal-naive MAE of cpu per VM (the MASE scale)
     day = 86400 // slot_s
     baselines = {"last": BASELINES["last"], "seasonal": partial(seasonal_naive, season=day), "mean": partial(rolling_mean, span=day)}
-    tr = panel.series[:, :split, c_cpu]
-    diff = np.abs(tr[:, day:] - tr[:, :-day]) if split > day else np.full((len(panel.vms), 0), np.nan)
+    tr = panel.series[:, : split if split > 2 * day else T, c_cpu]  # too short a past (another trace): the test part
+    diff = np.abs(tr[:, day:] - tr[:, :-day]) if tr.shape[1] > day else np.full((len(panel.vms), 0), np.nan)
     n_ok = np.isfinite(diff).sum(axis=1)
     scale = np.where(n_ok > 0, np.nansum(diff, axis=1) / np.maximum(n_ok, 1), np.nan)
 
@@ -189,17 +198,19 @@ def backtest(
         idx = np.arange(lo, min(lo + chunk, len(panel.vms)))
         v = idx.size
         win = windows_at(panel.series[idx], origins, S)  # (v * n_o, S, C), VM-major
+        prof = profiles_at(panel.series[idx], panel.first_slot, origins, S, slot_s)
         vm_of = np.repeat(idx, origins.size)
         org = np.tile(origins, v)
         alive = ~np.isnan(win[:, -12:, c_cpu]).all(axis=1)  # an observation in the last hour
-        win, vm_of, org = win[alive], vm_of[alive], org[alive]
+        win, prof, vm_of, org = win[alive], prof[alive], vm_of[alive], org[alive]
         n = win.shape[0]
         if n == 0:
             progress("backtest", idx[-1] / len(panel.vms))
             continue
         n_rows += n
-        attrs = {"mem_total_mb": panel.mem_total_mb[vm_of], "vcpus": panel.vcpus[vm_of], "last_slot": org + panel.first_slot}
-        X = build_features(win, attrs, attrs["last_slot"], horizons, slot_s, np)
+        attrs = {"mem_total_mb": panel.mem_total_mb[vm_of], "vcpus": panel.vcpus[vm_of], "last_slot": org + panel.first_slot,
+                 "profile": prof}  # fmt: skip
+        X = build_features(win, attrs, attrs["last_slot"], horizons, slot_s, np, profile=prof)
         pred = np.asarray(model.predict(X), dtype=np.float32).reshape(n, H, len(TARGETS), 2)
         actual = panel.series[vm_of[:, None], org[:, None] + horizons[None, :]]  # (n, H, C)
         for j, target in enumerate(TARGETS):
@@ -307,22 +318,10 @@ def _horizon_label(seconds: float) -> str:
 def evaluate_panel(
     panel: Panel, settings: Any, cfg: BacktestConfig = BacktestConfig(), progress: Progress = _noop
 ) -> BacktestResult:
-    """Fit on the earlier part of ``panel`` and backtest on the later part."""
-    tic = time.perf_counter()
-    split = split_index(panel, cfg.train_frac)
-    if split <= settings.window_slots:
-        raise ValueError(
-            f"the training part ({split} slots) is not longer than one window ({settings.window_slots}): trace too short"
-        )
-    progress("fit", 0.0)
-    model = fit_model(panel, split, settings, cfg)
-    progress("fit", 1.0)
-    res = backtest(panel, model, split, settings, cfg, progress)
-    res.summary["train_rows"] = int(model.metrics["rows"])
-    res.summary["fit_s"] = model.metrics["fit_s"]
-    res.summary["split_ts"] = int((panel.first_slot + split) * settings.slot_s)
-    res.summary["elapsed_s"] = round(time.perf_counter() - tic, 1)
-    return res
+    """The holdout protocol: fit (with validation) on the first ``train_frac``, backtest on the rest."""
+    from training.protocol import Protocol, run_protocol
+
+    return run_protocol(panel, settings, cfg, Protocol("holdout"), progress=progress)
 
 
 def quality_ok(summary: dict[str, Any]) -> dict[str, bool]:

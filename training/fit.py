@@ -16,7 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from gpu_kernels.features import FEATURE_NAMES, LABEL_BASE, LOG1P_TARGETS, QUANTILES, TARGETS, array_module
+from gpu_kernels.features import (
+    FEATURE_NAMES,
+    LABEL_BASE,
+    LABEL_SCALE,
+    LABEL_SCALE_FLOOR,
+    LOG1P_TARGETS,
+    QUANTILES,
+    TARGETS,
+    array_module,
+)
 
 _SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
 
@@ -55,9 +64,31 @@ def label_offset(X: Any, target: str) -> Any:
     return xp.where(xp.isnan(col), 0, col)
 
 
-def from_label(q: Any, target: str, offset: Any = None) -> Any:
-    """Booster output ``(n, len(QUANTILES))`` (+ ``label_offset``) -> raw scale, >= 0, quantiles non-decreasing."""
+def label_scale(X: Any, target: str) -> Any:
+    """The per-VM divisor of the booster's label (``features.LABEL_SCALE``: the VM's 24 h spread on the
+    label scale, floored; NaN -> the floor): one global model then sees every VM's changes alike,
+    instead of the busiest VMs' dominating the loss."""
+    xp = array_module(X)
+    if LABEL_SCALE is None:
+        return xp.ones(X.shape[0], dtype=xp.float32)
+    short = _SHORT[target]
+    col = X[:, FEATURE_NAMES.index(LABEL_SCALE.format(s=short))]
+    floor = xp.float32(LABEL_SCALE_FLOOR[short])
+    return xp.where(xp.isnan(col), floor, xp.maximum(col, floor))
+
+
+def training_label(y: Any, X: Any, target: str) -> Any:
+    """What the booster learns for raw targets ``y`` on rows ``X``: (transform(y) - offset) / scale."""
+    change = to_label(y, target) - label_offset(X, target)
+    return change if LABEL_SCALE is None else change / label_scale(X, target)
+
+
+def from_label(q: Any, target: str, offset: Any = None, scale: Any = None) -> Any:
+    """Booster output ``(n, len(QUANTILES))`` (x ``label_scale``, + ``label_offset``) -> raw scale, >= 0,
+    quantiles non-decreasing."""
     xp = array_module(q)
+    if scale is not None:
+        q = q * scale[:, None]
     if offset is not None:
         q = q + offset[:, None]
     q = xp.expm1(q) if target in LOG1P_TARGETS else q
@@ -192,7 +223,7 @@ def _fit_local(xgb: Any, X: Any, y: Any, in_band: Any, target: str, params: dict
         raise ValueError(f"no known label for target {target!r} in one of the horizon bands")
     dtrain = xgb.QuantileDMatrix(
         X[keep],
-        label=dithered(to_label(y[keep], target) - label_offset(X[keep], target), target, params["seed"]),
+        label=dithered(training_label(y[keep], X[keep], target), target, params["seed"]),
         feature_names=list(FEATURE_NAMES),
         max_bin=params["max_bin"],
     )
@@ -213,7 +244,7 @@ def _fit_dask(
         in_band = da.from_array(in_band, chunks=(X.chunks[0],))
     keep = ~da.isnan(y) & in_band
     Xk = X[keep]
-    yk = to_label(y[keep], target) - label_offset(Xk, target)
+    yk = training_label(y[keep], Xk, target)
     Xk.compute_chunk_sizes()
     yk.compute_chunk_sizes()
     yk = dithered(yk, target, params["seed"])
@@ -250,7 +281,8 @@ def predict_boosters(
         raw = xp.empty((n, len(QUANTILES)), dtype=xp.float32)
         for b, idx, Xb in parts:
             raw[idx] = xp.asarray(_raw_predict(boosters[target][b], Xb, device), dtype=xp.float32).reshape(idx.size, -1)
-        out[:, j, :] = from_label(raw, target, label_offset(X, target))
+        scale = None if LABEL_SCALE is None else label_scale(X, target)
+        out[:, j, :] = from_label(raw, target, label_offset(X, target), scale)
     return out
 
 

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from gpu_kernels.features import FEATURE_NAMES, FEATURE_SPEC_HASH, QUANTILES, TARGETS
+from training.blend import Blend, apply_blend
 from training.fit import BAND_EDGES_H
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
-READABLE_FORMATS = frozenset({1, FORMAT_VERSION})
+FORMAT_VERSION = 3  # 3: optional "blend" (training.blend); 2: horizon bands; 1: one booster per target
+READABLE_FORMATS = frozenset({1, 2, FORMAT_VERSION})
 #: Sparse horizon grid (slots of 5 min): dense near term, coarser far out; the scorer interpolates.
 BASE_HORIZONS: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 12, 18, 24, 36, 48, 72, 96, 144, 192, 240, 288)
 #: Feature-spec hashes this build can compute; a model built on anything else is refused.
@@ -73,6 +74,7 @@ class ForecastModel:
     training_range: tuple[int, int] | None = None  # epoch seconds of the first/last training slot
     metrics: dict[str, float] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    blend: Blend | None = None  # the combination with naive forecasts fitted on validation data (None: boosters alone)
 
     def __post_init__(self) -> None:
         self.horizons = np.asarray(self.horizons, dtype=np.int64).reshape(-1)
@@ -89,11 +91,17 @@ class ForecastModel:
         return len(self.band_edges_h) + 1
 
     def predict(self, X: Any, device: str | None = None) -> Any:
-        """Raw-scale quantiles ``(n, 3, 2)`` float32 on ``X``'s device; q90 >= q50 >= 0.
+        """Raw-scale quantiles ``(n, 3, 2)`` float32 on ``X``'s device, q90 >= q50 >= 0: the boosters'
+        combined with the naive forecasts by ``blend`` when the model has one.
 
         ``device`` ('cpu' or 'gpu') defaults to where ``X`` lives; the engine (nvforest or
         XGBoost) is chosen by ``gpu_kernels.inference``.
         """
+        q = self.predict_boosters(X, device)
+        return q if self.blend is None else apply_blend(q, X, self.blend, self.slot_s, self.band_edges_h)
+
+    def predict_boosters(self, X: Any, device: str | None = None) -> Any:
+        """The boosters' quantiles alone (what ``training.blend.fit_blend`` combines)."""
         from training.fit import predict_boosters
 
         if X.shape[1] != len(FEATURE_NAMES):
@@ -115,6 +123,7 @@ class ForecastModel:
             "training_range": list(self.training_range) if self.training_range else None,
             "metrics": self.metrics,
             "created": self.created,
+            "blend": self.blend.as_dict() if self.blend is not None else None,
             "files": files,
         }
 
@@ -181,6 +190,7 @@ class ForecastModel:
             training_range=(int(tr[0]), int(tr[1])) if tr else None,
             metrics=dict(man.get("metrics") or {}),
             created=float(man.get("created", 0.0)),
+            blend=_blend_of(man, url),
         )
 
 
@@ -202,6 +212,19 @@ def _load_booster(fs: Any, root: str, url: str, name: str, checksums: dict[str, 
     if booster.num_features() != len(FEATURE_NAMES):
         raise ModelRejected(f"{url}: {name} expects {booster.num_features()} features, not {len(FEATURE_NAMES)}")
     return booster
+
+
+def _blend_of(man: dict[str, Any], url: str) -> Blend | None:
+    raw = man.get("blend")
+    if raw is None:
+        return None
+    try:
+        blend = Blend.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelRejected(f"{url}: manifest blend is invalid ({exc})") from exc
+    if list(blend.horizons) != [int(h) for h in man["horizons"]]:
+        raise ModelRejected(f"{url}: blend horizons {list(blend.horizons)} != model horizons {man['horizons']}")
+    return blend
 
 
 def _check_manifest(man: dict[str, Any], url: str, known: frozenset[str], slot_s: int | None) -> None:

@@ -37,6 +37,8 @@ def summary_tables(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {b} | " + " | ".join(_fmt(row[m]) for m in methods) + f" | {_fmt(ms['model'])} | {_fmt(ms['seasonal'])} |"
         )
+    ratios = naive_ratios(summary)
+    lines += ["", "model / best naive: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ratios.items())]
     reg = summary["regret_ms"]
     p95 = summary["regret_ms_p95"]
     lines += [
@@ -49,6 +51,44 @@ def summary_tables(summary: dict[str, Any]) -> str:
         *[f"| {k} | {_fmt(reg[k])} | {_fmt(p95[k])} |" for k in reg],
     ]
     return "\n".join(lines)
+
+
+def validation_table(val: dict[str, Any]) -> str:
+    """The validation split's MAE per target and bucket: boosters, naive forecasts, served blend."""
+    r = val["ranges"]
+    lines = [f"train {r['train'][0]} .. {r['train'][1]}, validation {r['validation'][0]} .. {r['validation'][1]}, "
+             f"{val['rows']} validation rows", ""]  # fmt: skip
+    for target, buckets in val["mae"].items():
+        methods = list(next(iter(buckets.values())).keys())
+        lines += [f"| {target} | " + " | ".join(methods) + " | served / best naive |", "| --- " * (len(methods) + 2) + "|"]
+        for b, row in buckets.items():
+            best = min(row[m] for m in methods if m not in ("model", "served"))
+            lines.append(f"| {b} | " + " | ".join(_fmt(row[m]) for m in methods) + f" | {_fmt(row['served'] / best if best else float('nan'))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def splits_text(summary: dict[str, Any]) -> str:
+    """Which slots trained, validated and tested (one line per fold)."""
+    sp = summary.get("splits")
+    if not sp:
+        return ""
+    folds = sp.get("folds", [sp])
+    return "\n".join(
+        f"{f['protocol']}: train {f['train'][0]} .. {f['train'][1]} ({f['train_vms']} VMs), validation "
+        f"{f['validation'][0]} .. {f['validation'][1]}, refit to {f['refit'][1]}, test {f['test'][0]} .. {f['test'][1]} "
+        f"({f['test_vms']} VMs)"
+        for f in folds
+    )
+
+
+def naive_ratios(summary: dict[str, Any]) -> dict[str, float]:
+    """Model MAE / best naive baseline MAE per bucket, and the worst over the per-horizon table."""
+    out = {b: row["model"] / min(v for k, v in row.items() if k != "model") for b, row in summary["mae"].items()}
+    by_h = summary.get("mae_by_horizon") or {}
+    if by_h:
+        out["worst_horizon"] = max(row["model"] / min(v for k, v in row.items() if k != "model") for row in by_h.values())
+    return out
 
 
 def plot_tables(summary: dict[str, Any]) -> str:
@@ -80,6 +120,8 @@ def write_report(result: BacktestResult, out_dir: str | Path, title: str) -> Pat
         f"{s['n_vms']} VMs, {s['n_origins']} (VM, origin) pairs after the split, "
         f"{s.get('train_rows', 0)} training rows, {s.get('elapsed_s', 0)} s.",
         "Horizon buckets: grid horizons in (0,1h], (1h,6h], (6h,24h]; MAE on cpu_pct.",
+        "",
+        splits_text(s),
         "",
         summary_tables(s),
         "",

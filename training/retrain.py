@@ -5,11 +5,23 @@ when a GPU is present (``dask_cuda`` imported only then), else a ``LocalCluster`
 of processes. Grids and examples are built on the workers, one task per VM group;
 the booster is trained with ``xgboost.dask`` through ``training.fit.fit_forecaster``.
 
-Gate: the most recent day is held out; the challenger is fitted on labels before it
-and is published only when its held-out pinball loss beats the model at ``LATEST``
-(or the store is empty, or the champion cannot be loaded/used). The loss is the mean
-over targets and quantiles of the pinball loss divided by the target's mean |y|, so
-cpu % and MB/s weigh alike. Workers are then told through ``app.model_watch``.
+Blend (``training.blend``, as ``zhuge evaluate`` fits it, ``training.validated``): the last
+part of the history before the held-out day is a validation split; boosters fitted before
+it choose, per target and horizon, the combination with the naive forecasts there, then the
+boosters are refitted on everything before the held-out day and served with that blend (a
+history too short for the split: boosters alone, logged).
+
+Gate: the most recent day is held out; the challenger is fitted on labels before it.
+On forecasts made inside that day it is measured with the workers' live-accuracy
+measure (``gpu_kernels.accuracy``: MAE of the median per target and horizon bucket,
+against the champion at ``LATEST`` and the naive baselines ``last`` and ``seasonal``,
+all on the same pairs), summed up as the mean over (target, bucket) of
+MAE / persistence MAE (scale-free; the ratio the ``ZhugeModelWorseThanPersistence``
+alert watches live). It is published when that is not worse than the champion's (or
+the store is empty, or the champion cannot be loaded/used); every bucket where it is
+worse than the best naive baseline is reported (``worse_than_naive``, logged). The
+pinball loss (mean over targets and quantiles, / mean |y|) is reported as well; it
+decides nothing. Workers are then told through ``app.model_watch``.
 """
 
 from __future__ import annotations
@@ -23,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from training.blend import fit_blend
 from training.dataset import Panel, SlotGrid, panel_examples, panel_from_grids, sample_origins
-from training.fit import TrainingKnobs
+from training.fit import BAND_EDGES_H, TrainingKnobs
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
@@ -45,12 +58,16 @@ class RetrainResult:
     published: bool
     version: str | None
     reason: str
-    challenger_loss: float
+    challenger_loss: float  # held-out pinball loss (reported, not the gate)
     champion_loss: float | None
     champion: str | None
     timings: dict[str, float] = field(default_factory=dict)
     rows: int = 0
     n_vms: int = 0
+    challenger_score: float = float("nan")  # the gate: mean over (target, bucket) of MAE / persistence MAE
+    champion_score: float | None = None
+    mae: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # target -> bucket -> method -> MAE
+    worse_than_naive: list[str] = field(default_factory=list)  # challenger's buckets behind the best naive baseline
 
 
 def open_client(cfg: RetrainConfig, device: str = "auto") -> tuple[Any, Any]:
@@ -166,6 +183,38 @@ def holdout_loss(model: Any, X: np.ndarray, Y: np.ndarray) -> float:
     return float(np.mean(losses)) if losses else float("inf")
 
 
+def holdout_accuracy(models: dict[str, Any], X: np.ndarray, Y: np.ndarray) -> Any:
+    """The live-accuracy measure on held-out rows: each model's median and the naive baselines.
+
+    Returns a ``gpu_kernels.accuracy.ErrorTally`` with methods ``(*models, "last", "seasonal")``;
+    the naive forecasts are read from the rows' features (``naive_from_features``: ``<s>_last``
+    and ``<s>_yday``, the same definitions the worker reads from its windows), the bucket from
+    ``horizon_h``. A row counts for a target only where the label and every method are finite.
+    """
+    from gpu_kernels.accuracy import ErrorTally, bucket_index, naive_from_features
+    from gpu_kernels.features import FEATURE_NAMES
+
+    forecasts = {name: np.asarray(m.predict(X), dtype=np.float32)[:, :, 0] for name, m in models.items()}
+    forecasts |= naive_from_features(X)
+    bucket = bucket_index(np.asarray(X[:, FEATURE_NAMES.index("horizon_h")], dtype=np.float64) * 3600.0)
+    tally = ErrorTally(methods=(*models, "last", "seasonal"))
+    tally.add_pairs(Y, forecasts, bucket)
+    return tally
+
+
+def gate_decision(tally: Any, champion: bool) -> tuple[bool, str, float, float | None]:
+    """``(publish, reason, challenger score, champion score)`` from :func:`holdout_accuracy`'s tally."""
+    c_score = tally.relative_mae("challenger")
+    if not champion:
+        return True, "store empty", c_score, None
+    champ_score = tally.relative_mae("champion")
+    if not np.isfinite(c_score) or not np.isfinite(champ_score):
+        return False, "champion kept (no held-out pair to compare on)", c_score, champ_score
+    if c_score <= champ_score:
+        return True, "challenger not worse", c_score, champ_score
+    return False, "champion kept (challenger worse)", c_score, champ_score
+
+
 def holdout_examples(panel: Panel, settings: Any, cfg: RetrainConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """(X, Y) from origins inside the held-out last day (so every label lies in it); returns the cut too.
 
@@ -184,6 +233,28 @@ def holdout_examples(panel: Panel, settings: Any, cfg: RetrainConfig) -> tuple[n
     origins = np.arange(cut - 1, T - 1, 12)
     X, Y = panel_examples(panel, origins, default_horizons(settings.horizon_slots), settings.window_slots, settings.slot_s)
     return X, Y, cut
+
+
+# --- validation (the blend) -----------------------------------------------------------
+
+
+def validation_start(panel: Panel, settings: Any, cut: int) -> int | None:
+    """Where the validation split starts inside ``[0, cut)`` (``training.validated``), or None
+    when the history before the held-out day is too short to hold one."""
+    from training.validated import validation_range
+
+    try:
+        return validation_range(0, cut, settings.horizon_slots, settings.window_slots).val_start
+    except ValueError:
+        return None
+
+
+def validation_examples(panel: Panel, settings: Any, val_start: int, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y) from origins in ``[val_start, cut)`` with labels before ``cut`` (never the held-out day)."""
+    from training.model import default_horizons
+
+    origins = np.arange(val_start - 1, cut - 1, 12)
+    return panel_examples(panel, origins, default_horizons(settings.horizon_slots), settings.window_slots, settings.slot_s, end=cut)
 
 
 # --- the run ------------------------------------------------------------------------
@@ -211,44 +282,69 @@ def retrain_once(
     t["examples_s"] = time.perf_counter() - tic
     progress("fit", 0.5)
     tic = time.perf_counter()
-    boosters = fit_forecaster(
-        X, Y, n_estimators=cfg.n_estimators, max_depth=cfg.max_depth, learning_rate=cfg.learning_rate,
-        device="gpu" if _cluster_has_gpu(client) else "cpu", dask_client=client, seed=cfg.seed,
-    )  # fmt: skip
+    device = "gpu" if _cluster_has_gpu(client) else "cpu"
+
+    def fit(X: Any, Y: Any) -> dict[str, list[Any]]:
+        return fit_forecaster(
+            X, Y, n_estimators=cfg.n_estimators, max_depth=cfg.max_depth, learning_rate=cfg.learning_rate,
+            device=device, dask_client=client, seed=cfg.seed,
+        )  # fmt: skip
+
+    horizons = default_horizons(settings.horizon_slots)
+    blend, val_start = None, validation_start(panel, settings, cut)
+    if val_start is None:
+        log.warning("history too short for a validation split before the held-out day: serving the boosters without a blend")
+        boosters = fit(X, Y)
+    else:  # the blend is chosen on [val_start, cut) by boosters fitted before it, then the boosters are refitted to cut
+        Xi, Yi, _ = distributed_examples(client, panel, settings, cfg, end=val_start)
+        inner = ForecastModel("inner", fit(Xi, Yi), horizons, settings.slot_s)
+        Xv, Yv = validation_examples(panel, settings, val_start, cut)
+        blend, _ = fit_blend(np.asarray(inner.predict_boosters(Xv)), Xv, Yv, horizons, settings.slot_s, BAND_EDGES_H)
+        boosters = fit(X, Y)
     t["fit_s"] = time.perf_counter() - tic
     first = panel.first_slot * settings.slot_s
     challenger = ForecastModel(
         version="challenger",
         boosters=boosters,
-        horizons=default_horizons(settings.horizon_slots),
+        horizons=horizons,
         slot_s=settings.slot_s,
         training_range=(int(first), int(first + (cut - 1) * settings.slot_s)),
         metrics={"rows": float(rows), "fit_s": round(t["fit_s"], 3)},
+        blend=blend,
     )
     progress("gate", 0.85)
     tic = time.perf_counter()
     c_loss = holdout_loss(challenger, Xh, Yh)
-    challenger.metrics["holdout_loss"] = c_loss
     store = ModelStore(settings.model_store)
     champ_version = store.latest_version()
     champ_loss: float | None = None
-    if champ_version is None:
-        publish, reason = True, "store empty"
-    else:
+    models: dict[str, Any] = {"challenger": challenger}
+    unusable = None
+    if champ_version is not None:
         try:
             champ = store.load(champ_version, slot_s=settings.slot_s)
             champ_loss = holdout_loss(champ, Xh, Yh)
-            publish = c_loss < champ_loss
-            reason = "challenger better" if publish else "champion kept (challenger not better)"
+            models["champion"] = champ
         except (ModelRejected, ValueError) as exc:
-            publish, reason = True, f"champion unusable ({exc})"
+            unusable = f"champion unusable ({exc})"
+    tally = holdout_accuracy(models, Xh, Yh)
+    publish, reason, c_score, champ_score = gate_decision(tally, "champion" in models)
+    if unusable is not None:
+        publish, reason = True, unusable
+    behind = tally.worse_than_naive("challenger")
+    if behind:
+        log.warning("challenger is worse than the best naive baseline on the held-out day in: %s", "; ".join(behind))
+    challenger.metrics.update({"holdout_loss": c_loss, "holdout_mae_vs_last": c_score})
     t["gate_s"] = time.perf_counter() - tic
     version = None
     if publish:
         version = store.publish(challenger)
         _notify(settings, version)
     progress("done", 1.0)
-    return RetrainResult(publish, version, reason, c_loss, champ_loss, champ_version, t, rows, len(panel.vms))
+    return RetrainResult(
+        publish, version, reason, c_loss, champ_loss, champ_version, t, rows, len(panel.vms),
+        challenger_score=c_score, champion_score=champ_score, mae=tally.mae(), worse_than_naive=behind,
+    )  # fmt: skip
 
 
 def _cluster_has_gpu(client: Any) -> bool:

@@ -105,4 +105,4 @@ def register(cli: typer.Typer) -> None:
         console.print(f"total predicted downtime {total(plan)} (all now at K: {total(b['all_now'])}, "
                       f"one by one: {total(b['sequential'])}); solver {plan['solver']['strategy']} "
                       f"{plan['solver']['status']} in {plan['solver']['wall_s']:.1f} s; stored at "
-                      f"{settings.redis_prefix}drain:{host}")  # fmt: skip
+                      f"{settings.redis_keys().drain(host)}")  # fmt: skip

@@ -59,16 +59,35 @@ def register(cli: typer.Typer) -> None:
             ",".join(map(str, BAND_DEPTHS)), help="tree depth per horizon band (<=1 h, 1-6 h, >6 h), or one depth"
         ),
         seed: int = typer.Option(0, help="seed of the training-origin phase, row subsample and trees"),
+        protocol: str = typer.Option("holdout", "--protocol", help="holdout | rolling | days | transfer"),
+        folds: int = typer.Option(3, help="rolling: number of test periods at the end of the trace"),
+        fold_days: float = typer.Option(3.0, help="rolling: days per test period"),
+        train_days: Optional[str] = typer.Option(None, help="days: training days, e.g. 1-15"),
+        test_days: Optional[str] = typer.Option(None, help="days: test days, e.g. 16-30"),
+        test_path: Optional[str] = typer.Option(None, help="transfer: the test trace (default PATH)"),
+        test_vms: Optional[str] = typer.Option(None, help="transfer: the test trace's VMs, e.g. 126-250"),
+        validation_only: bool = typer.Option(
+            False, "--validation-only", help="fit and report the validation split only; the test part is not read"
+        ),
     ) -> None:
-        """Rolling-origin backtest of the forecaster vs naive baselines, with window regret."""
+        """Backtest the forecaster vs naive baselines under a protocol, with window regret."""
         from rich.console import Console
 
         from training.dataset import grids_from_trace, panel_from_grids
-        from training.evaluate import BacktestConfig, evaluate_panel, quality_ok
-        from training.report import summary_tables, write_report
+        from training.evaluate import BacktestConfig, quality_ok
+        from training.protocol import Protocol, parse_days, run_protocol, validate_only
+        from training.report import splits_text, summary_tables, validation_table, write_report
 
         settings = settings_of(ctx)
         _check_format(fmt)
+        try:
+            proto = Protocol(protocol, folds=folds, fold_days=fold_days,
+                             train_days=parse_days(train_days) if train_days else None,
+                             test_days=parse_days(test_days) if test_days else None)  # fmt: skip
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        if protocol == "transfer" and not (test_path or test_vms):
+            raise typer.BadParameter("--protocol transfer needs --test-path and/or --test-vms")
         console = Console(stderr=True)
         cfg = BacktestConfig(
             train_frac=train_frac,
@@ -83,6 +102,10 @@ def register(cli: typer.Typer) -> None:
                 task = prog.add_task("load", total=1.0)
                 grids = grids_from_trace(fmt, path, vms, settings.slot_s)
                 panel = panel_from_grids(grids, cfg.default_mem_mb, zero_unmeasured_net=True)
+                test_panel = None
+                if protocol == "transfer":
+                    test_grids = grids_from_trace(fmt, test_path or path, test_vms, settings.slot_s)
+                    test_panel = panel_from_grids(test_grids, cfg.default_mem_mb, zero_unmeasured_net=True)
                 prog.update(task, completed=1.0)
                 tasks: dict[str, Any] = {}
 
@@ -91,10 +114,19 @@ def register(cli: typer.Typer) -> None:
                         tasks[phase] = prog.add_task(phase, total=1.0)
                     prog.update(tasks[phase], completed=frac)
 
-                result = evaluate_panel(panel, settings, cfg, report)
+                if validation_only:
+                    val = validate_only(panel, settings, cfg, proto, test_panel, report)
+                else:
+                    result = run_protocol(panel, settings, cfg, proto, test_panel, report)
         except (FileNotFoundError, ValueError) as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from exc
+        if validation_only:
+            if as_json:
+                typer.echo(json.dumps(val, sort_keys=True))
+            else:
+                console.print(validation_table(val), markup=False, soft_wrap=True)
+            return
         summary = result.summary
         summary["format"] = fmt
         if out:
@@ -103,6 +135,7 @@ def register(cli: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(summary, sort_keys=True))
             return
+        console.print(splits_text(summary), markup=False, soft_wrap=True)
         console.print(summary_tables(summary), markup=False, soft_wrap=True)
         bar = quality_ok(summary)
         console.print("quality bar: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in bar.items()))
@@ -186,8 +219,9 @@ def _summary(console: Any, res: Any) -> None:
     rows = [
         ("VMs", str(res.n_vms)),
         ("training rows", str(res.rows)),
-        ("challenger held-out loss", f"{res.challenger_loss:.4f}"),
-        ("champion held-out loss", champ),
+        ("challenger held-out pinball loss", f"{res.challenger_loss:.4f}"),
+        ("champion held-out pinball loss", champ),
+        *_gate_rows(res),
         ("decision", res.reason),
         ("published version", res.version or "-"),
         *[(k, f"{v:.1f}") for k, v in res.timings.items()],
@@ -195,3 +229,13 @@ def _summary(console: Any, res: Any) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def _gate_rows(res: Any) -> list[tuple[str, str]]:
+    """The gate's measure (live accuracy's): MAE / persistence, cpu_pct MAE per bucket, naive misses."""
+    champ = "-" if res.champion_score is None else f"{res.champion_score:.4f}"
+    rows = [("challenger MAE / persistence (gate)", f"{res.challenger_score:.4f}"), ("champion MAE / persistence", champ)]
+    for bucket, row in res.mae.get("cpu_pct", {}).items():
+        rows.append((f"cpu_pct MAE {bucket}", "  ".join(f"{m} {v:.3f}" for m, v in row.items())))
+    rows.append(("worse than best naive", "; ".join(res.worse_than_naive) or "nowhere"))
+    return rows

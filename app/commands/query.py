@@ -83,7 +83,7 @@ def register(cli: typer.Typer) -> None:
         settings = settings_of(ctx)
         row = _run(lambda c: read_vm(c, settings.redis_prefix, vm), settings)
         if row is None:
-            raise _fail(f"no score for VM {vm!r} (key {settings.redis_prefix}vm:{vm} not in Redis)")
+            raise _fail(f"no score for VM {vm!r} (key {settings.redis_keys().vm(vm)} not in Redis)")
         if as_json:
             typer.echo(json.dumps(_json_safe(row), sort_keys=True))
             return
@@ -123,7 +123,7 @@ def register(cli: typer.Typer) -> None:
             return
         if not rows:
             where = f" on host {host!r}" if host else ""
-            Console(stderr=True).print(f"no scored VMs{where} in Redis ({settings.redis_prefix}rank:now is empty)")
+            Console(stderr=True).print(f"no scored VMs{where} in Redis ({settings.redis_keys().rank_now} is empty)")
             return
         title = f"best VMs to migrate now{f' on {host}' if host else ''}"
         table = Table(title=title)

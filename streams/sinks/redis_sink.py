@@ -27,8 +27,11 @@ the same VM; the check "stored last_ts <= new last_ts" and the writes must be
 one atomic step server-side, and one EVALSHA per chunk of VMs (all fields
 flattened into one JSON argument) keeps round trips to a handful per batch.
 
-Keys are built inside the script from the prefix, so this targets a single
-Redis (or a managed one); Redis Cluster would need declared KEYS per slot.
+Keys are built inside the script from the prefix (names in ``streams.redis_keys``),
+so this targets a single Redis (or a managed one without cluster mode). With a
+``RedisCluster`` client, ``RedisSink(settings, client)`` is the cluster sink
+(``streams.sinks.redis_cluster``): hash-tagged keys, scripts with declared KEYS,
+two atomic steps per write.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import msgspec
 import numpy as np
 
 from app.settings import Settings
+from streams.redis_keys import RedisKeys, is_cluster_client
 from streams.scores import ScoreBatch
 
 CHUNK_VMS = 1000  # VMs per EVALSHA: one ~150 KB JSON argument, a ~10 ms script (short Redis stalls)
@@ -171,12 +175,23 @@ _ENCODE = msgspec.json.Encoder().encode
 
 
 class RedisSink:
-    """Writes ``ScoreBatch`` rows to Redis atomically per VM, never letting an older sample win."""
+    """Writes ``ScoreBatch`` rows to Redis atomically per VM, never letting an older sample win.
+
+    Given a ``RedisCluster`` client, the instance is a ``ClusterRedisSink`` (same methods, cluster layout).
+    """
+
+    def __new__(cls, settings: Settings, client: Any, **kwargs: Any) -> RedisSink:
+        if cls is RedisSink and is_cluster_client(client):
+            from streams.sinks.redis_cluster import ClusterRedisSink
+
+            return super().__new__(ClusterRedisSink)
+        return super().__new__(cls)
 
     def __init__(self, settings: Settings, client: Any, *, chunk_vms: int = CHUNK_VMS) -> None:
         if chunk_vms < 1:
             raise ValueError("chunk_vms must be >= 1")
         self.prefix = settings.redis_prefix
+        self.keys = RedisKeys(self.prefix)
         self.client = client
         self.chunk_vms = chunk_vms
         self.ttl_s = int(settings.redis_ttl_s)
@@ -200,6 +215,23 @@ class RedisSink:
         n = len(batch)
         if n == 0:
             return WriteResult(0, 0)
+        cols = self._columns(batch)
+        written = skipped = 0
+        step = self.chunk_vms * CHUNKS_PER_PIPELINE
+        for start in range(0, n, step):
+            pipe = self.client.pipeline(transaction=False)
+            for lo in range(start, min(start + step, n), self.chunk_vms):
+                hi = min(lo + self.chunk_vms, n)
+                await self._script(keys=[], args=self._argv(batch, lo, hi, cols), client=pipe)
+            for w, s in await pipe.execute():
+                written += int(w)
+                skipped += int(s)
+        return WriteResult(written, skipped)
+
+    @staticmethod
+    def _columns(batch: ScoreBatch) -> dict[str, list[str]]:
+        """The batch's columns as the strings Redis stores (checked: one host per VM, a curve each if any)."""
+        n = len(batch)
         if len(batch.host) != n or (batch.curves is not None and len(batch.curves) != n):
             raise ValueError(f"ScoreBatch has {n} VMs but {len(batch.host)} hosts and "
                              f"{'no' if batch.curves is None else len(batch.curves)} curves")  # fmt: skip
@@ -215,18 +247,7 @@ class RedisSink:
             cols[name] = _strings(_nan_to_inf(getattr(batch, name), 3))
         if np.isnan(np.asarray(batch.last_ts, dtype=np.float64)).any():
             raise ValueError("ScoreBatch.last_ts has NaN: every score needs the timestamp of its newest sample")
-        written = skipped = 0
-        step = self.chunk_vms * CHUNKS_PER_PIPELINE
-        for start in range(0, n, step):
-            pipe = self.client.pipeline(transaction=False)
-            for lo in range(start, min(start + step, n), self.chunk_vms):
-                hi = min(lo + self.chunk_vms, n)
-                await self._script(keys=[], args=self._argv(batch, lo, hi, cols), client=pipe)
-            for w, s in await pipe.execute():
-                written += int(w)
-                skipped += int(s)
-        return WriteResult(written, skipped)
-
+        return cols
 
     async def forget(self, vms: list[str], last_ts: np.ndarray) -> int:
         """Remove evicted VMs from the ranks, their host set and delete their hash; returns how many.
@@ -251,7 +272,7 @@ class RedisSink:
         persistence, failed over to an empty replica, or was flushed (or this is the
         worker's first check), and the worker should write its VMs' scores again.
         """
-        key = f"{self.prefix}worker:{worker}"
+        key = self.keys.worker(worker)
         created = await self.client.set(key, b"1", ex=self.ttl_s, nx=True)
         if not created:
             await self.client.expire(key, self.ttl_s)
@@ -264,18 +285,17 @@ class RedisSink:
         steps rather than one long one.
         """
         removed = 0
-        for rank in ("rank:now", "rank:window", "rank:best"):
-            key = self.prefix + rank
+        for key in self.keys.ranks:
             async for chunk in _chunks(self.client.zscan_iter(key, count=count), count):
                 removed += int(await self._prune(keys=[key], args=[self.prefix, "z", *(m for m, _ in chunk)]))
-        async for host_key in self.client.scan_iter(match=glob_escape(self.prefix) + "host:*", count=count):
+        async for host_key in self.client.scan_iter(match=glob_escape(self.keys.host_prefix) + "*", count=count):
             async for chunk in _chunks(self.client.sscan_iter(host_key, count=count), count):
                 removed += int(await self._prune(keys=[host_key], args=[self.prefix, "s", *chunk]))
-        hosts_key = self.prefix + "hosts"
+        hosts_key = self.keys.hosts
         async for chunk in _chunks(self.client.sscan_iter(hosts_key, count=count), count):
             pipe = self.client.pipeline(transaction=False)
             for host in chunk:
-                pipe.exists(self.prefix + "host:" + (host.decode() if isinstance(host, bytes) else host))
+                pipe.exists(self.keys.host(host.decode() if isinstance(host, bytes) else host))
             gone = [h for h, alive in zip(chunk, await pipe.execute()) if not alive]
             if gone:
                 await self.client.srem(hosts_key, *gone)
@@ -310,7 +330,7 @@ def decode_hash(vm: str, raw: dict[Any, Any]) -> dict[str, Any]:
 
 async def read_vm(client: Any, prefix: str, vm: str) -> dict[str, Any] | None:
     """The VM's score hash with numbers as floats, or None when the VM is unknown."""
-    raw = await client.hgetall(f"{prefix}vm:{vm}")
+    raw = await client.hgetall(RedisKeys.for_client(client, prefix).vm(vm))
     return decode_hash(vm, raw) if raw else None
 
 
@@ -318,19 +338,20 @@ async def top(client: Any, prefix: str, n: int, host: str | None = None) -> list
     """The ``n`` best VMs to migrate now (lowest predicted downtime), optionally on one host."""
     if n <= 0:
         return []
+    keys = RedisKeys.for_client(client, prefix)
     if host is None:
-        vms = [v.decode() if isinstance(v, bytes) else v for v in await client.zrange(f"{prefix}rank:now", 0, n - 1)]
+        vms = [v.decode() if isinstance(v, bytes) else v for v in await client.zrange(keys.rank_now, 0, n - 1)]
     else:
-        members = [m.decode() if isinstance(m, bytes) else m for m in await client.smembers(f"{prefix}host:{host}")]
+        members = [m.decode() if isinstance(m, bytes) else m for m in await client.smembers(keys.host(host))]
         if not members:
             return []
-        scores = await client.zmscore(f"{prefix}rank:now", members)
+        scores = await client.zmscore(keys.rank_now, members)
         ranked = sorted((s, m) for m, s in zip(members, scores) if s is not None)
         vms = [m for _, m in ranked[:n]]
     if not vms:
         return []
     pipe = client.pipeline(transaction=False)
     for vm in vms:
-        pipe.hgetall(f"{prefix}vm:{vm}")
+        pipe.hgetall(keys.vm(vm))
     hashes = await pipe.execute()
     return [decode_hash(vm, raw) for vm, raw in zip(vms, hashes) if raw]

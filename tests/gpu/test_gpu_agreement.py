@@ -119,6 +119,33 @@ def test_window_store_agrees(xp):
     np.testing.assert_allclose(to_numpy(back.windows(back.rows_of(names))[0]), w_ref, rtol=1e-6, equal_nan=True)
 
 
+def test_window_store_profiles_agree(xp):
+    """The daily profile folded on the device equals NumPy's, and survives a snapshot (S > slots per day)."""
+    from streams.schema import METRICS
+    from streams.window_store import WindowStore
+
+    rng = np.random.default_rng(4)
+    slot_s, S, V = 3600, 48, 200
+    ref, dev = WindowStore(S, slot_s, 1e12, capacity=16), WindowStore(S, slot_s, 1e12, xp=xp, capacity=16)
+    names = [f"vm{i}" for i in range(V)]
+    for t in range(6 * 24):  # six days of hourly slots, one batch per slot, 10 % missing, a long silence
+        on = rng.random(V) > 0.1
+        if 60 <= t < 115:
+            on[:20] = False
+        idx = np.flatnonzero(on)
+        vals = rng.uniform(0, 100, (idx.size, len(METRICS))).astype(np.float32)
+        vals[rng.random(vals.shape) < 0.1] = np.nan
+        args = ([names[i] for i in idx], ["h"] * idx.size, (1_700_000_000 // slot_s + t + rng.uniform(0, 1, idx.size)) * slot_s, vals)
+        ref.update(*args, seen=0.0)
+        dev.update(*args, seen=0.0)
+    p_ref = ref.profiles(ref.rows_of(names))
+    p_dev = to_numpy(dev.profiles(dev.rows_of(names)))
+    assert np.isfinite(p_ref).mean() > 0.5
+    np.testing.assert_allclose(p_dev, p_ref, rtol=1e-5, equal_nan=True)
+    back = WindowStore.restore(dev.snapshot(), xp=xp)
+    np.testing.assert_array_equal(to_numpy(back.profiles(back.rows_of(names))), p_dev)
+
+
 def test_scorer_agrees_with_a_real_xgboost_model(xp):
     xgb = pytest.importorskip("xgboost")
     from app.settings import Settings

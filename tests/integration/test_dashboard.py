@@ -3,7 +3,9 @@
 A dashboard whose PromQL names a metric the worker never exports, or aggregates
 a histogram wrongly, renders "No data" silently; this test makes that a failure.
 A worker gets valid samples over a few slots plus invalid messages (so DLQ and
-invalid rates have data) after Prometheus has scraped its zero state, then each
+invalid rates have data) after Prometheus has scraped its zero state, in two
+halves scored one after the other (so forecasts made on the first half are
+realised by the second: the live-accuracy panels have data), then each
 ``targets[].expr`` of each panel is evaluated through ``/api/v1/query``.
 """
 
@@ -107,7 +109,7 @@ def contract_messages(now: float) -> tuple[list[tuple[bytes, bytes]], list[tuple
 # --------------------------------------------------------------------- the test
 @pytest.fixture
 def worker_settings(unique_topics: Settings, tmp_path: Path) -> Settings:
-    return isolated_worker_settings(unique_topics, tmp_path, partitions=2, batch_within_s=0.2)
+    return isolated_worker_settings(unique_topics, tmp_path, partitions=2, batch_within_s=0.2, accuracy_sample=1.0)
 
 
 def _total(prom: PrometheusProcess, metric: str) -> float:
@@ -129,7 +131,11 @@ def test_every_dashboard_query_returns_data_from_a_scraped_worker(worker_setting
 
         valid, invalid = contract_messages(time.time())
         asyncio.run(produce(worker_settings, valid[: len(valid) // 2] + invalid[:1]))
-        asyncio.run(produce(worker_settings, valid[len(valid) // 2 :] + invalid[1:]))
+        deadline = time.monotonic() + 60  # (includes training the session's bootstrap model when this test runs first)
+        while worker.counter("zhuge_vms_scored_total") < VMS:  # the first half's forecasts are made...
+            assert time.monotonic() < deadline, f"first half not scored:\n{worker.tail()}"
+            time.sleep(0.2)
+        asyncio.run(produce(worker_settings, valid[len(valid) // 2 :] + invalid[1:]))  # ...and realised here
 
         # Processing includes training the session's bootstrap model when this test runs first.
         deadline = time.monotonic() + 60
@@ -137,6 +143,7 @@ def test_every_dashboard_query_returns_data_from_a_scraped_worker(worker_setting
             _total(prom, "zhuge_samples_in_total") >= len(valid)
             and _total(prom, "zhuge_dlq_total") >= len(invalid)
             and _total(prom, "zhuge_vms_scored_total") >= VMS
+            and _total(prom, "zhuge_forecast_abs_error_count") > 0
             and prom.query("count(zhuge_consumer_lag)")["result"]  # refreshed every 5 s (app.ingest.LAG_EVERY_S)
         ):
             assert time.monotonic() < deadline, f"worker traffic not visible in Prometheus:\n{worker.tail()}"

@@ -62,7 +62,11 @@ def test_retrain_publishes_into_an_empty_store_then_gates_on_the_held_out_day(se
 
         second = retrain_once(settings, client, cfg, history=str(history))
         assert second.champion == first.version and second.champion_loss is not None
-        assert second.published == (second.challenger_loss < second.champion_loss)
+        # the gate is live accuracy's measure: MAE per target and bucket vs the champion and the naive baselines
+        assert set(second.mae["cpu_pct"]) == {"1h", "6h", "24h"}
+        assert set(second.mae["cpu_pct"]["1h"]) == {"challenger", "champion", "last", "seasonal"}
+        assert second.champion_score is not None and np.isfinite(second.challenger_score)
+        assert second.published == (second.challenger_score <= second.champion_score)
         expected = second.version if second.published else first.version
         assert ModelStore(settings.model_store).latest_version() == expected
     finally:

@@ -34,4 +34,4 @@ def test_cli_runs_both_paths_and_the_restore_is_exact(tmp_path):
     assert all(run["exact"] and run["bytes"] > 0 for run in r["runs"])
     periodic, shutdown = r["runs"]
     assert periodic["bytes"] < shutdown["bytes"]  # deflated where it pays vs stored for a deadline
-    assert set(r["median"]) == {"periodic", "shutdown"} and r["snapshot_version"] == 2
+    assert set(r["median"]) == {"periodic", "shutdown"} and r["snapshot_version"] == 3

@@ -60,8 +60,10 @@ def test_per_slot_interpolates_as_the_scorer_does() -> None:
     blobs, inputs = _curves()
     curve = decode_curve(blobs[0])
     lo, hi, w = interp_weights(HORIZONS, 12)
-    q = curve.forecast[:, 1, 1]
-    np.testing.assert_allclose(curve.per_slot("dirty_mbps", 0.9), q[lo] * (1 - w) + q[hi] * w)
+    q50, q90 = curve.forecast[:, 1, 0], curve.forecast[:, 1, 1]
+    np.testing.assert_allclose(curve.per_slot("dirty_mbps", 0.5), q50[lo] * (1 - w) + q50[hi] * w)
+    # the upper quantile between grid points is the larger neighbour (streams.scorer.per_slot_quantiles)
+    np.testing.assert_allclose(curve.per_slot("dirty_mbps", 0.9), np.maximum(q90[lo], q90[hi]))
 
 
 def test_anything_else_is_refused() -> None:

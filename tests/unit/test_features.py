@@ -13,10 +13,13 @@ from gpu_kernels.features import (
     FEATURE_NAMES,
     FEATURE_SPEC_HASH,
     HORIZON_FEATURE_NAMES,
+    PROFILE_ALPHA,
     TARGETS,
     VM_FEATURE_NAMES,
     WINDOW_CHANNELS,
     build_features,
+    profiles_at,
+    slots_per_day,
     training_examples,
     windows_at,
 )
@@ -165,7 +168,8 @@ def test_training_examples_reuse_the_serving_features() -> None:
     assert X.shape == (V * 3 * 3 - V, len(FEATURE_NAMES)) and Y.shape == (X.shape[0], len(TARGETS))
     # VM 1, origin 300: same features as serving that VM's window directly
     win = series[1:2, 300 - S + 1 : 301]
-    direct = build_features(win, attrs(1), np.array([1_300]), h, SLOT)
+    prof = profiles_at(series[1:2], 1_000, np.array([300]), S, SLOT)  # what the window store folded by then
+    direct = build_features(win, attrs(1), np.array([1_300]), h, SLOT, profile=prof)
     row = (3 * 3 - 1) + 3  # VM 0 has 8 kept rows; then VM 1's origin 10 (3 rows)
     np.testing.assert_array_equal(X[row : row + 3], direct)
     np.testing.assert_array_equal(Y[row : row + 3], series[1, 300 + h][:, :3])
@@ -210,3 +214,33 @@ def test_label_offset_is_the_last_value_at_every_horizon() -> None:
     win[0, -3:, WINDOW_CHANNELS.index("cpu_pct")] = [10.0, 30.0, 80.0]
     X = build_features(win, attrs(k), np.arange(k) + 10_000, H, SLOT)
     assert np.all(label_offset(X, "cpu_pct") == 80.0)
+
+
+def test_profile_is_the_ewma_of_each_time_of_day_that_left_the_window() -> None:
+    P = slots_per_day(SLOT)
+    rng = np.random.default_rng(5)
+    T, first = 4 * P + 17, 7 * P + 50  # starts mid-day
+    series = (rng.random((1, T, 4)) * 40).astype(np.float32)
+    series[0, rng.choice(T, 60, replace=False), 0] = np.nan  # gaps are skipped
+    origin, S = T - 1, P
+    prof = profiles_at(series, first, np.array([origin]), S, SLOT)[0, :, 0]
+    expected = np.full(P, np.nan)
+    for t in range(origin - S + 1):  # every slot that has left the window, oldest first
+        j, x = (first + t) % P, series[0, t, 0]
+        if np.isnan(x):
+            continue
+        expected[j] = x if np.isnan(expected[j]) else expected[j] + PROFILE_ALPHA * (x - expected[j])
+    np.testing.assert_allclose(prof, expected, rtol=1e-5)
+
+
+def test_a_periodic_vm_has_its_profile_at_the_target_slot_and_a_periodicity_of_one() -> None:
+    P = slots_per_day(SLOT)
+    t = np.arange(5 * P)
+    daily = (20 + 10 * np.sin(2 * np.pi * ((t + 13) % P) / P)).astype(np.float32)
+    series = np.repeat(daily[None, :, None], 4, axis=2)
+    h = np.array([1, 12, 100, 288])
+    X, Y = training_examples(series, attrs(1), 13, np.array([3 * P + 7]), h, P, SLOT)
+    col = FEATURE_NAMES.index
+    np.testing.assert_allclose(X[:, col("cpu_prof")], Y[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(X[:, col("cpu_periodic")], 1.0, atol=1e-4)
+    np.testing.assert_allclose(X[:, col("cpu_prof_err_24h")], 0.0, atol=1e-4)

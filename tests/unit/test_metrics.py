@@ -122,3 +122,21 @@ def test_every_dashboard_query_references_exported_series():
             assert names <= exported, f"{expr}: {names - exported} not exported"
         for window in re.findall(r"\[(\d+)([smh])\]", expr):
             assert int(window[0]) * {"s": 1, "m": 60, "h": 3600}[window[1]] >= 60, expr
+
+
+def test_model_weight_says_where_the_naive_forecast_is_served(served):
+    from types import SimpleNamespace
+
+    from gpu_kernels.features import TARGETS
+    from training.blend import Blend
+    from training.model import default_horizons
+
+    m, server = served
+    h = tuple(int(x) for x in default_horizons(288))
+    far = [1.0 if x * 300 <= 6 * 3600 else 0.0 for x in h]  # the naive forecast alone beyond 6 h
+    blend = Blend(h, {t: tuple(far) for t in TARGETS}, {t: ("last",) * len(h) for t in TARGETS}, {t: (1.0,) * 3 for t in TARGETS})
+    m.set_blend(SimpleNamespace(blend=blend, slot_s=300))
+    got = {(s.labels["target"], s.labels["bucket"]): s.value for s in scrape(server.port)["zhuge_model_weight"].samples}
+    assert got[("cpu_pct", "1h")] == 1.0 and got[("cpu_pct", "6h")] == 1.0 and got[("net_mbps", "24h")] == 0.0
+    m.set_blend(SimpleNamespace(blend=None, slot_s=300))  # boosters alone
+    assert all(s.value == 1.0 for s in scrape(server.port)["zhuge_model_weight"].samples)

@@ -38,3 +38,38 @@ def test_the_gate_prefers_the_model_closer_to_the_truth():
     off = np.stack([Y + 5, Y * 1.2 + 5], axis=2)
     X = np.zeros((500, 1), np.float32)
     assert holdout_loss(_Fixed(exact), X, Y) < holdout_loss(_Fixed(off), X, Y)
+
+
+def _held_out_rows(n_vms: int = 8):
+    """Feature rows of real windows (so the naive forecasts can be read from them) and their labels."""
+    from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, build_features
+    from training.model import default_horizons
+
+    rng = np.random.default_rng(2)
+    win = rng.uniform(5, 60, (n_vms, 288, len(WINDOW_CHANNELS))).astype(np.float32)
+    h = default_horizons(288)
+    X = build_features(win, {"mem_total_mb": np.full(n_vms, 4096.0), "vcpus": np.full(n_vms, 2.0)}, np.arange(n_vms) + 9000, h, 300)
+    last = win[:, -1, : len(TARGETS)]
+    Y = (np.repeat(last, h.size, axis=0) + rng.normal(0, 4, (n_vms * h.size, len(TARGETS)))).astype(np.float32)
+    return X, Y
+
+
+def test_the_gate_measures_like_live_accuracy_and_prefers_the_better_model():
+    from training.retrain import gate_decision, holdout_accuracy
+
+    X, Y = _held_out_rows()
+    exact = _Fixed(np.stack([Y, Y * 1.2], axis=2))
+    off = _Fixed(np.stack([Y + 50, Y * 1.2 + 50], axis=2))
+    tally = holdout_accuracy({"challenger": exact, "champion": off}, X, Y)
+    assert tally.methods == ("challenger", "champion", "last", "seasonal")
+    mae = tally.mae()
+    assert mae["cpu_pct"]["1h"]["challenger"] == 0.0 and mae["cpu_pct"]["6h"]["champion"] == pytest.approx(50.0)
+    assert 2.5 < mae["cpu_pct"]["24h"]["last"] < 4.0  # persistence: the label noise
+    assert tally.worse_than_naive("challenger") == []
+    assert len(tally.worse_than_naive("champion")) == 9  # every target and bucket
+    publish, reason, c, champ = gate_decision(tally, champion=True)
+    assert publish and reason == "challenger not worse" and c == 0.0 and champ > 10
+    flipped = holdout_accuracy({"challenger": off, "champion": exact}, X, Y)
+    assert gate_decision(flipped, champion=True)[:2] == (False, "champion kept (challenger worse)")
+    alone = holdout_accuracy({"challenger": off}, X, Y)
+    assert gate_decision(alone, champion=False)[:2] == (True, "store empty")

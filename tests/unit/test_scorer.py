@@ -9,7 +9,7 @@ from app.settings import Settings
 from gpu_kernels.downtime import precopy
 from gpu_kernels.features import FEATURE_NAMES, TARGETS
 from streams.schema import METRICS
-from streams.scorer import Scorer, interp_weights
+from streams.scorer import Scorer, interp_weights, per_slot_quantiles
 from streams.window_store import WindowStore
 
 SLOT = 300
@@ -290,3 +290,12 @@ def test_only_stale_rows_rerun_the_forecaster_each_on_its_own_inputs():
     np.testing.assert_array_equal(cached.best_downtime_ms, fresh.best_downtime_ms)
     np.testing.assert_array_equal(cached.best_start, fresh.best_start)
     assert len(set(cached.best_downtime_ms.tolist())) == 3  # the three VMs do differ
+
+
+def test_the_upper_quantile_between_grid_points_waits_for_the_quiet_one():
+    # busy at grid horizon 4, quiet at 8: a linear q90 would call slot 5 three quarters busy
+    lo, hi, w = interp_weights(np.array([4, 8]), 8)
+    grid = np.array([[[40.0, 60.0]], [[1.0, 2.0]]], np.float32)[None]  # (k=1, H=2, 1 target, q50/q90)
+    q = per_slot_quantiles(grid, lo, hi, w, np)
+    np.testing.assert_allclose(q[0, 4:7, 0, 1], 60.0)  # slots 5-7: still the busy q90
+    assert q[0, 7, 0, 1] == 2.0 and q[0, 5, 0, 0] == pytest.approx(40 * 0.5 + 1 * 0.5)

@@ -177,6 +177,18 @@ def test_snapshot_round_trips_through_npz_without_pickle():
     np.testing.assert_allclose(store.host_traffic_mbps(store.rows_of(names)), back.host_traffic_mbps(back.rows_of(names)))
 
 
+def _fixture_store(seed: int, released: str) -> WindowStore:
+    """400 samples of 12 VMs over 14 slots of a 12-slot window, one batch, then ``released`` let go."""
+    rng = np.random.default_rng(seed)
+    store = WindowStore(12, SLOT, 3600, capacity=4)
+    n = 400
+    vm = [f"vm{i}" for i in rng.integers(0, 12, n)]
+    host = [f"h{int(x[2:]) % 3}" for x in vm]
+    store.update(vm, host, 1000 * SLOT + rng.uniform(0, 14 * SLOT, n), samples(n, rng, 0.2), seen=1_700_000_000.0)
+    store.release(store.rows_of([released]))
+    return store
+
+
 def v1_fixture_store() -> tuple[WindowStore, list[str]]:
     """The store in ``data/window_snapshot_v1.npz``, and the pending VMs saved with it.
 
@@ -185,14 +197,7 @@ def v1_fixture_store() -> tuple[WindowStore, list[str]]:
     store plus ``pending_vm``, through ``SnapshotStore.save(0, arrays, 42, 1234)``.
     Row 4's VM was released, so the active rows have a hole.
     """
-    rng = np.random.default_rng(7)
-    store = WindowStore(12, SLOT, 3600, capacity=4)
-    n = 400
-    vm = [f"vm{i}" for i in rng.integers(0, 12, n)]
-    host = [f"h{int(x[2:]) % 3}" for x in vm]
-    store.update(vm, host, 1000 * SLOT + rng.uniform(0, 14 * SLOT, n), samples(n, rng, 0.2), seen=1_700_000_000.0)
-    store.release(store.rows_of(["vm4"]))
-    return store, ["vm1", "vm7"]
+    return _fixture_store(7, "vm4"), ["vm1", "vm7"]
 
 
 def test_a_version_1_snapshot_of_the_previous_release_still_restores_exactly(tmp_path):
@@ -205,10 +210,40 @@ def test_a_version_1_snapshot_of_the_previous_release_still_restores_exactly(tmp
     assert int(snap.arrays["config"][0]) == 1 and snap.arrays["counts"].dtype == np.int32  # really the old format
     back = WindowStore.restore(snap.arrays)
     store, pending = v1_fixture_store()
+    assert np.isnan(back.profile).all()  # a version 1 snapshot holds no daily profile
     assert store_differences(store, back) == []
     assert snap.arrays["pending_vm"].tolist() == pending
     rows = store.rows_of(sorted(store.row_of))
     np.testing.assert_array_equal(store.window(rows), back.window(back.rows_of(sorted(store.row_of))))
+
+
+def v2_fixture_store() -> tuple[WindowStore, list[str]]:
+    """The store in ``data/window_snapshot_v2.npz``, and the pending VMs saved with it.
+
+    Written by the code of commit 00fc426 (snapshot version 2, counts uint8; file format 2)
+    through ``SnapshotStore.save(0, arrays, 43, 4321)``; row 5's VM was released. Its
+    samples span 14 slots of a 12-slot window, all in one batch: nothing was folded into
+    the daily profile, so the store rebuilt by today's code has an empty one too.
+    """
+    return _fixture_store(8, "vm5"), ["vm2", "vm9"]
+
+
+def test_a_version_2_snapshot_restores_exactly_with_an_empty_profile(tmp_path):
+    target = tmp_path / "g" / "t" / "p0000.npz"
+    target.parent.mkdir(parents=True)
+    shutil.copy(DATA / "window_snapshot_v2.npz", target)
+    snap = SnapshotStore(str(tmp_path), "g", "t").load(0)
+    assert snap is not None and snap.next_offset == 43 and snap.last_record_crc == 4321
+    assert int(snap.arrays["config"][0]) == 2 and "profile" not in snap.arrays and snap.arrays["counts"].dtype == np.uint8
+    back = WindowStore.restore(snap.arrays)
+    store, pending = v2_fixture_store()
+    assert np.isnan(store.profile).all() and np.isnan(back.profile).all()
+    assert store_differences(store, back) == []
+    assert snap.arrays["pending_vm"].tolist() == pending
+    # the restored store folds from then on like any other
+    r = back.rows_of(["vm1"])
+    back.update(["vm1"], ["h1"], np.array([(back.last_slot[r[0]] + 3) * SLOT + 1.0]), samples(1, np.random.default_rng(0)))
+    assert np.isfinite(back.profiles(r)).any()
 
 
 @pytest.mark.parametrize("top, dtype", [(5, np.uint8), (255, np.uint8), (256, np.uint16), (70_000, np.uint32)])
@@ -219,17 +254,22 @@ def test_snapshot_counts_take_the_smallest_unsigned_dtype_and_round_trip_exactly
     vm = [f"vm{i}" for i in range(n)]
     store.update(vm, [f"h{i % 7}" for i in range(n)], 1000 * SLOT + rng.uniform(0, 288 * SLOT, n), samples(n, rng, 0.1))
     store.counts[store.rows_of(["vm3"])[0], 5, 0] = top  # one busy cell decides the dtype
+    old = store.rows_of([f"vm{i}" for i in range(0, n, 3)])  # a third of the VMs have a daily profile
+    store.profile[old] = rng.uniform(0, 100, (len(old), 288, 3)).astype(np.float32)
+    store.profile[old[:, None], rng.integers(0, 288, (len(old), 20))] = np.nan  # with holes
     store.release(store.rows_of(["vm10", "vm11"]))
     arrays = store.snapshot()
-    assert int(arrays["config"][0]) == SNAPSHOT_VERSION == 2
-    assert arrays["counts"].dtype == dtype and arrays["sums"].dtype == np.float32
+    assert int(arrays["config"][0]) == SNAPSHOT_VERSION == 3
+    assert arrays["counts"].dtype == dtype and arrays["sums"].dtype == np.float32 and arrays["profile"].dtype == np.float32
     snaps = SnapshotStore(str(tmp_path), "g", "t")
     snaps.save(3, arrays, 77, 99)
     with np.load(tmp_path / "g" / "t" / "p0003.npz", allow_pickle=False) as z:  # a plain npz, no pickle
         assert int(z["__format__"]) == 2 and "sums@0.3" in z.files and "sums" not in z.files
+        assert "profile@2.3" in z.files and "profile" not in z.files
     snap = snaps.load(3)
     assert snap is not None and snap.next_offset == 77 and snap.last_record_crc == 99
     assert snap.arrays["sums"].tobytes() == arrays["sums"].tobytes()
+    assert snap.arrays["profile"].tobytes() == arrays["profile"].tobytes()
     assert snap.arrays["counts"].dtype == dtype and np.array_equal(snap.arrays["counts"], arrays["counts"])
     back = WindowStore.restore(snap.arrays)
     assert store_differences(store, back) == []

@@ -1,0 +1,190 @@
+"""The served forecast: the boosters' quantiles combined with naive forecasts, fitted on validation data.
+
+Why: a global booster can lose to a naive forecast on part of the horizon range (at 24 h on
+Bitbrains the value at the same slot yesterday beat it). For each target and horizon grid point,
+the median served is ``w * model + (1 - w) * naive`` with ``naive`` one of ``NAIVE`` and ``w`` in
+``WEIGHTS``, chosen on a validation split *inside* the training period: the smallest ``w`` whose
+MAE is within one standard error of the best pair's (``one_se_choice``). ``w = 0`` (the baseline
+alone) is a candidate, and a ``w > 0`` is only taken when the best naive forecast is more than
+one standard error behind, so on that split the served median is never worse than the best
+naive forecast at any grid point. The q90 keeps its distance above the median, scaled per
+target and horizon band so that its validation coverage is closest to 0.9.
+
+The naive forecasts are read from the feature matrix (one feature module for training and
+serving): ``last`` = ``<s>_last``, ``yday`` = ``<s>_yday`` (the same slot one day earlier),
+``prof`` = ``<s>_prof`` (the daily profile at that slot), each falling back to ``last``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, TARGETS, array_module
+
+NAIVE: tuple[str, ...] = ("last", "yday", "prof")
+WEIGHTS: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+SPREADS: tuple[float, ...] = tuple(np.round(np.geomspace(0.25, 4.0, 41), 3))
+COVERAGE_GOAL = 0.9
+BLOCKS = 200  # row blocks for the standard error of a validation MAE difference (``one_se_choice``)
+_SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Per target: ``weight[h]`` of the model and ``naive[h]`` (index into ``NAIVE``) per grid horizon,
+    ``spread[b]`` of the q90 - q50 gap per horizon band."""
+
+    horizons: tuple[int, ...]
+    weight: dict[str, tuple[float, ...]]
+    naive: dict[str, tuple[str, ...]]
+    spread: dict[str, tuple[float, ...]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"horizons": list(self.horizons), "weight": {t: list(v) for t, v in self.weight.items()},
+                "naive": {t: list(v) for t, v in self.naive.items()}, "spread": {t: list(v) for t, v in self.spread.items()}}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Blend:
+        horizons = tuple(int(h) for h in d["horizons"])
+        blend = cls(
+            horizons=horizons,
+            weight={t: tuple(float(w) for w in d["weight"][t]) for t in TARGETS},
+            naive={t: tuple(str(n) for n in d["naive"][t]) for t in TARGETS},
+            spread={t: tuple(float(s) for s in d["spread"][t]) for t in TARGETS},
+        )
+        for t in TARGETS:
+            if len(blend.weight[t]) != len(horizons) or len(blend.naive[t]) != len(horizons):
+                raise ValueError(f"blend for {t}: one weight and one naive method per horizon needed")
+            if any(not 0.0 <= w <= 1.0 for w in blend.weight[t]) or any(n not in NAIVE for n in blend.naive[t]):
+                raise ValueError(f"blend for {t}: weights must lie in [0, 1] and naive methods in {NAIVE}")
+            if any(not s > 0 for s in blend.spread[t]):
+                raise ValueError(f"blend for {t}: spreads must be positive")
+        return blend
+
+    def naive_only(self, target: str) -> list[int]:
+        """Grid horizons (slots) where the served median is the naive forecast alone."""
+        return [h for h, w in zip(self.horizons, self.weight[target]) if w == 0.0]
+
+
+def naive_forecasts(X: Any) -> Any:
+    """``(n, len(TARGETS), len(NAIVE))`` raw-scale naive forecasts from the feature matrix
+    (``last`` and ``yday`` as the live-accuracy measure reads them, ``gpu_kernels.accuracy``)."""
+    from gpu_kernels.accuracy import naive_from_features
+
+    xp = array_module(X)
+    nf = naive_from_features(X)
+    out = xp.empty((X.shape[0], len(TARGETS), len(NAIVE)), dtype=xp.float32)
+    out[:, :, NAIVE.index("last")] = nf["last"]
+    out[:, :, NAIVE.index("yday")] = nf["seasonal"]
+    for j, t in enumerate(TARGETS):
+        prof = X[:, FEATURE_NAMES.index(f"{_SHORT[t]}_prof")]
+        prof = xp.maximum(xp.expm1(prof), 0) if t in LOG1P_TARGETS else prof
+        out[:, j, NAIVE.index("prof")] = xp.where(xp.isnan(prof), nf["last"][:, j], prof)
+    return out
+
+
+def _horizon_index(X: Any, horizons: tuple[int, ...], slot_s: int) -> Any:
+    xp = array_module(X)
+    h_slots = X[:, FEATURE_NAMES.index("horizon_h")] * (3600.0 / slot_s)
+    grid = xp.asarray(np.asarray(horizons, dtype=np.float32))
+    return xp.argmin(xp.abs(h_slots[:, None] - grid[None, :]), axis=1)
+
+
+def _band_index(horizons: tuple[int, ...], slot_s: int, edges_h: tuple[float, ...]) -> np.ndarray:
+    hours = np.asarray(horizons, dtype=np.float64) * slot_s / 3600.0
+    return np.searchsorted(np.asarray(edges_h), hours, side="left")
+
+
+def apply_blend(q: Any, X: Any, blend: Blend, slot_s: int, edges_h: tuple[float, ...]) -> Any:
+    """Booster quantiles ``q (n, TG, 2)`` raw -> the served quantiles (a new array)."""
+    xp = array_module(q)
+    naive = naive_forecasts(X)
+    hi = _horizon_index(X, blend.horizons, slot_s)
+    band = xp.asarray(_band_index(blend.horizons, slot_s, edges_h))[hi]
+    out = q.copy()
+    for j, t in enumerate(TARGETS):
+        w = xp.asarray(np.asarray(blend.weight[t], dtype=np.float32))[hi]
+        k = xp.asarray(np.asarray([NAIVE.index(n) for n in blend.naive[t]], dtype=np.int64))[hi]
+        base = xp.take_along_axis(naive[:, j, :], k[:, None], axis=1)[:, 0]
+        base = xp.where(xp.isnan(base), q[:, j, 0], base)
+        med = w * q[:, j, 0] + (1 - w) * base
+        spread = xp.asarray(np.asarray(blend.spread[t], dtype=np.float32))[band]
+        out[:, j, 0] = xp.maximum(med, 0)
+        out[:, j, 1] = xp.maximum(med + spread * (q[:, j, 1] - q[:, j, 0]), out[:, j, 0])
+    return out
+
+
+def one_se_choice(rows_err: np.ndarray, n_blocks: int = BLOCKS) -> tuple[int, int]:
+    """``(weight index, naive index)`` from per-row errors ``(W, m, K)``: the smallest model weight
+    whose MAE is within one standard error of the best candidate's (the one-standard-error rule).
+
+    Why: on a validation split a gain of a fraction of a percent over a naive forecast is noise
+    as often as not (Bitbrains at 6 h), and trusting it made the served forecast lose to
+    persistence on the test days; a weight is only given to the model where its gain holds
+    across the split. The standard error comes from ``n_blocks`` contiguous blocks of rows (rows
+    are VM-major, so a block is one VM's or two VMs' origins: errors inside it are correlated).
+    """
+    W, m, K = rows_err.shape
+    err = rows_err.mean(axis=1)
+    best = np.unravel_index(int(np.argmin(err)), err.shape)
+    starts = np.linspace(0, m, min(n_blocks, m) + 1).astype(np.int64)[:-1]
+    for iw in range(W):  # ascending model weight: the naive forecasts alone first
+        ik = int(np.argmin(err[iw]))
+        if (iw, ik) == best:
+            return int(iw), ik
+        diff = np.add.reduceat(rows_err[iw, :, ik] - rows_err[best[0], :, best[1]], starts) / np.diff(np.append(starts, m))
+        if diff.mean() <= diff.std(ddof=1) / np.sqrt(diff.size):
+            return int(iw), ik
+    return int(best[0]), int(best[1])
+
+
+def fit_blend(
+    q: np.ndarray, X: np.ndarray, Y: np.ndarray, horizons: np.ndarray, slot_s: int, edges_h: tuple[float, ...]
+) -> tuple[Blend, dict[str, Any]]:
+    """Choose the blend on validation rows: ``q (n, TG, 2)`` booster quantiles, ``Y (n, TG)`` actuals.
+
+    Returns the blend and a report: per target and grid horizon the validation MAE of the
+    model, of each naive forecast and of the served blend.
+    """
+    horizons = tuple(int(h) for h in np.asarray(horizons).reshape(-1))
+    naive = naive_forecasts(X)
+    hi = _horizon_index(X, horizons, slot_s)
+    bands = _band_index(horizons, slot_s, edges_h)
+    weights, naives, spreads = {}, {}, {}
+    report: dict[str, Any] = {}
+    for j, t in enumerate(TARGETS):
+        y = Y[:, j]
+        wt, nv, rows = [], [], []
+        med_all = np.full(y.shape, np.nan, dtype=np.float64)
+        for i, h in enumerate(horizons):
+            sel = (hi == i) & np.isfinite(y) & np.isfinite(q[:, j, 0])
+            cands = np.where(np.isnan(naive[sel, j, :]), q[sel, j, 0:1], naive[sel, j, :])  # (m, K)
+            m, ys = q[sel, j, 0], y[sel]
+            if ys.size == 0:
+                wt.append(1.0)
+                nv.append("last")
+                continue
+            w = np.asarray(WEIGHTS)[:, None, None]
+            rows_err = np.abs(w * m[None, :, None] + (1 - w) * cands[None, :, :] - ys[None, :, None])  # (W, m, K)
+            err = rows_err.mean(axis=1)  # (W, K)
+            iw, ik = one_se_choice(rows_err)
+            wt.append(float(WEIGHTS[iw]))
+            nv.append(NAIVE[ik])
+            med_all[sel] = WEIGHTS[iw] * m + (1 - WEIGHTS[iw]) * cands[:, ik]
+            rows.append({"h": h, "n": int(ys.size), "model": float(err[-1, 0]), "served": float(err[iw, ik]),
+                         **{n: float(err[0, k]) for k, n in enumerate(NAIVE)}})  # fmt: skip
+        sp = []
+        for b in range(len(edges_h) + 1):
+            sel = np.isin(hi, np.flatnonzero(bands == b)) & np.isfinite(y) & np.isfinite(med_all)
+            if not sel.any():
+                sp.append(1.0)
+                continue
+            gap = np.maximum(q[sel, j, 1] - q[sel, j, 0], 0)
+            cover = [(y[sel] <= med_all[sel] + s * gap).mean() for s in SPREADS]
+            sp.append(float(SPREADS[int(np.argmin(np.abs(np.asarray(cover) - COVERAGE_GOAL)))]))
+        weights[t], naives[t], spreads[t] = tuple(wt), tuple(nv), tuple(sp)
+        report[t] = rows
+    return Blend(horizons, weights, naives, spreads), report
