@@ -103,5 +103,5 @@ def test_a_gain_within_noise_goes_to_the_naive_forecast_and_a_clear_one_to_the_m
     noisy = naive + rng.normal(-0.002, 0.3, m)  # 0.2 % better on average, row noise 0.3
     clear = naive * 0.8  # 20 % better on every row
     for model, expect_w in ((noisy, 0), (clear, 1)):
-        rows_err = np.stack([naive, model])[:, :, None]  # W = 2 (naive alone, model alone), K = 1
-        assert one_se_choice(rows_err)[0] == expect_w
+        rows_err = np.stack([naive, model])  # W = 2: the naive forecast alone, the model alone
+        assert one_se_choice(rows_err) == expect_w
