@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from gpu_kernels.features import DAY_S
 from training.dataset import Panel
 from training.evaluate import BacktestConfig, BacktestResult, Progress, _noop, backtest, split_index
-from training.validated import _iso, fit_validated
+from training.validated import iso_utc, fit_validated
 
 PROTOCOLS = ("holdout", "rolling", "days", "transfer")
-DAY_SLOTS_S = 86400
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def parse_days(text: str) -> tuple[int, int]:
 
 
 def _split_info(kind: str, panel: Panel, test_panel: Panel, val: dict[str, Any], test: tuple[int, int], slot_s: int) -> dict[str, Any]:
-    iso = lambda p, i: _iso((p.first_slot + i) * slot_s)  # noqa: E731
+    iso = lambda p, i: iso_utc((p.first_slot + i) * slot_s)  # noqa: E731
     return {"protocol": kind, **val["ranges"], "test": [iso(test_panel, test[0]), iso(test_panel, test[1])],
             "train_vms": len(panel.vms), "test_vms": len(test_panel.vms)}  # fmt: skip
 
@@ -86,7 +86,7 @@ def run_protocol(
 ) -> BacktestResult:
     """Fit and backtest under ``protocol``; the summary says exactly which slots did what (``splits``)."""
     tic = time.perf_counter()
-    day = DAY_SLOTS_S // settings.slot_s
+    day = DAY_S // settings.slot_s
     S = settings.window_slots
     if protocol.kind == "holdout":
         split = split_index(panel, cfg.train_frac)
@@ -119,12 +119,12 @@ def _same_axis(a: Panel, b: Panel | None) -> bool:
 
 def train_range(panel: Panel, settings: Any, cfg: BacktestConfig, protocol: Protocol, test_panel: Panel | None = None) -> tuple[int, int]:
     """The ``[start, end)`` slot range the protocol's (last) model trains on."""
-    day = DAY_SLOTS_S // settings.slot_s
+    day = DAY_S // settings.slot_s
     if protocol.kind == "days":
         a, b = protocol.train_days  # type: ignore[misc]
         return (a - 1) * day, min(b * day, panel.n_slots)
     if protocol.kind == "rolling":
-        return 0, panel.n_slots - settings.horizon_slots - int(round(protocol.fold_days * DAY_SLOTS_S / settings.slot_s))
+        return 0, panel.n_slots - settings.horizon_slots - int(round(protocol.fold_days * DAY_S / settings.slot_s))
     if protocol.kind == "transfer" and not _same_axis(panel, test_panel):
         return 0, panel.n_slots
     return 0, split_index(panel, cfg.train_frac)
@@ -142,7 +142,7 @@ def validate_only(
 
 def _rolling(panel: Panel, settings: Any, cfg: BacktestConfig, protocol: Protocol, progress: Progress) -> BacktestResult:
     """Folds at the end of the trace, oldest first; the headline figures are the fold means."""
-    fold = int(round(protocol.fold_days * DAY_SLOTS_S / settings.slot_s))
+    fold = int(round(protocol.fold_days * DAY_S / settings.slot_s))
     T = panel.n_slots
     results = []
     for i in range(protocol.folds, 0, -1):

@@ -32,12 +32,12 @@ class ValidationRange:
     end: int  # labels before this index
 
     def as_dict(self, panel: Panel, slot_s: int) -> dict[str, Any]:
-        iso = lambda i: _iso((panel.first_slot + i) * slot_s)  # noqa: E731
+        iso = lambda i: iso_utc((panel.first_slot + i) * slot_s)  # noqa: E731
         return {"train": [iso(self.start), iso(self.val_start)], "validation": [iso(self.val_start), iso(self.end)],
                 "refit": [iso(self.start), iso(self.end)]}  # fmt: skip
 
 
-def _iso(ts: float) -> str:
+def iso_utc(ts: float) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
