@@ -68,13 +68,13 @@ def fit_validated(
     """``(model, validation)``: a ``ForecastModel`` with its blend, and the validation report
     (splits, MAE per bucket and target of the boosters, the naive forecasts and the served blend)."""
     S, Hs, slot_s = settings.window_slots, settings.horizon_slots, settings.slot_s
-    rng_ = validation_range(start, end, Hs, S)
+    ranges = validation_range(start, end, Hs, S)
     progress("fit", 0.0)
-    inner = fit_model(panel, rng_.val_start, settings, cfg, start=start)
+    inner = fit_model(panel, ranges.val_start, settings, cfg, start=start)
     progress("fit", 0.4 if refit else 0.9)
     horizons = np.asarray(inner.horizons)
     every = max(1, cfg.train_origin_every)
-    origins = sample_origins(end, rng_.val_start - 1, end - 1, every, np.random.default_rng(cfg.seed + 1))
+    origins = sample_origins(end, ranges.val_start - 1, end - 1, every, np.random.default_rng(cfg.seed + 1))
     Xv, Yv = panel_examples(panel, origins, horizons, S, slot_s, end=end)
     if Xv.shape[0] == 0:
         raise ValueError("no validation example: the training range is too short")
@@ -84,7 +84,7 @@ def fit_validated(
     model.blend = blend
     model.metrics["validation_rows"] = float(Xv.shape[0])
     progress("fit", 1.0)
-    report = {"ranges": rng_.as_dict(panel, slot_s), "refit": refit, "rows": int(Xv.shape[0]),
+    report = {"ranges": ranges.as_dict(panel, slot_s), "refit": refit, "rows": int(Xv.shape[0]),
               "mae": _bucket_table(per_h, slot_s), "blend": blend.as_dict()}  # fmt: skip
     return model, report
 

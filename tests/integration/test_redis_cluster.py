@@ -257,7 +257,8 @@ def test_a_worker_scores_every_vm_into_the_cluster_and_the_api_reads_it(cluster,
                                                 "downtime_ms": 3 * float(h["now_downtime_ms"])}).encode())
                       for vm, h in hashes.items() if 0 < float(h["now_downtime_ms"]) < 1e6]  # fmt: skip
         asyncio.run(produce(settings.replace(topic_metrics=settings.topic_migrations), migrations))
-        state = wait_for_key(settings, k.correction)
+        # the worker folds the migrations in over a few batches: wait for all of them
+        state = wait_for_key(settings, k.correction, until=lambda doc: doc["global"][2] >= len(migrations))
         assert state["global"][2] == len(migrations) > 0 and abs(state["global"][0] - math.log(3)) < 1e-6
         notify_new_version(settings, "announced-on-the-cluster")  # pub/sub: any node's PUBLISH reaches the worker
         deadline = time.monotonic() + 15

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,15 +95,18 @@ def wait_for_scores(settings: Settings, expected: dict[str, float], timeout_s: f
         client.close()
 
 
-def wait_for_key(settings: Settings, key: str, timeout_s: float = 30.0) -> dict:
-    """Wait for a JSON document at ``key`` in Redis and return it parsed."""
+def wait_for_key(settings: Settings, key: str, timeout_s: float = 30.0, until: Callable[[dict], bool] | None = None) -> dict:
+    """Wait for a JSON document at ``key`` in Redis (one for which ``until`` holds, when given:
+    a document written in several steps) and return it parsed."""
     client = settings.redis_client(asyncio=False)
     try:
         deadline = time.monotonic() + timeout_s
-        while (raw := client.get(key)) is None:
-            assert time.monotonic() < deadline, f"{key} not written within {timeout_s}s"
+        while True:
+            raw = client.get(key)
+            if raw is not None and (until is None or until(json.loads(raw))):
+                return json.loads(raw)
+            assert time.monotonic() < deadline, f"{key} not written (as awaited) within {timeout_s}s: {raw!r}"
             time.sleep(0.3)
-        return json.loads(raw)
     finally:
         client.close()
 
