@@ -219,11 +219,12 @@ class RedisSink:
         written = skipped = 0
         step = self.chunk_vms * CHUNKS_PER_PIPELINE
         for start in range(0, n, step):
-            pipe = self.client.pipeline(transaction=False)
-            for lo in range(start, min(start + step, n), self.chunk_vms):
-                hi = min(lo + self.chunk_vms, n)
-                await self._script(keys=[], args=self._argv(batch, lo, hi, cols), client=pipe)
-            for w, s in await pipe.execute():
+            async with self.client.pipeline(transaction=False) as pipe:  # closed also when Redis is down
+                for lo in range(start, min(start + step, n), self.chunk_vms):
+                    hi = min(lo + self.chunk_vms, n)
+                    await self._script(keys=[], args=self._argv(batch, lo, hi, cols), client=pipe)
+                results = await pipe.execute()
+            for w, s in results:
                 written += int(w)
                 skipped += int(s)
         return WriteResult(written, skipped)
