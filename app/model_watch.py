@@ -140,6 +140,7 @@ class ModelWatcher:
             log.warning("model %s could not be loaded yet: %s", version, exc)
             return
         self._rejected.pop(version, None)
+        model.use_threads(self.settings.predict_threads)
         with self._lock:
             self._pending = model
         log.info("model %s verified, swapping in at the next batch boundary", version)

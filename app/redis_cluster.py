@@ -41,6 +41,25 @@ class LocalCluster:
             _stop(pid, ("redis-server", str(port)), timeout_s=10.0)
         self.pids = []
 
+    def start_nodes(self) -> None:
+        """Start every node's ``redis-server`` (its ``nodes.conf`` under ``root``, if any, brings the
+        node back into the cluster it was in: how a test restarts the cluster after ``stop``)."""
+        for port in self.ports:
+            node = self.root / f"node-{port}"
+            node.mkdir(parents=True, exist_ok=True)
+            args = [shutil.which("redis-server") or "redis-server", "--bind", self.host, "--port", str(port),
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
+                    "--save", "", "--appendonly", "no", "--dir", str(node), "--daemonize", "no",
+                    "--protected-mode", "no"]  # fmt: skip
+            self.pids.append(_spawn(args, node, node / "redis.log"))
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every node reports ``cluster_state:ok`` with all slots served; ServiceError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        for port in self.ports:
+            _wait(lambda p=port: _cluster_ok(self.host, p, len(self.ports)), deadline,
+                  f"node {port} not in cluster_state:ok", self)  # fmt: skip
+
 
 def cluster_tools() -> list[MissingTool]:
     """The programs a local cluster needs but cannot find."""
@@ -65,14 +84,7 @@ def start_redis_cluster(root: Path, ports: Sequence[int] | None = None, *, maste
         raise ServiceError("; ".join(str(m) for m in missing))
     cluster = LocalCluster(Path(root), list(ports) if ports else cluster_ports(masters))
     try:
-        for port in cluster.ports:
-            node = cluster.root / f"node-{port}"
-            node.mkdir(parents=True, exist_ok=True)
-            args = [shutil.which("redis-server") or "redis-server", "--bind", cluster.host, "--port", str(port),
-                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
-                    "--save", "", "--appendonly", "no", "--dir", str(node), "--daemonize", "no",
-                    "--protected-mode", "no"]  # fmt: skip
-            cluster.pids.append(_spawn(args, node, node / "redis.log"))
+        cluster.start_nodes()
         deadline = time.monotonic() + timeout_s
         for port in cluster.ports:
             _wait(lambda p=port: _cli(cluster.host, p, "PING") == "PONG", deadline, f"node {port} not answering",
@@ -84,9 +96,7 @@ def start_redis_cluster(root: Path, ports: Sequence[int] | None = None, *, maste
         )  # fmt: skip
         if create.returncode != 0:
             raise ServiceError(f"redis-cli --cluster create failed: {create.stdout[-2000:]}{create.stderr[-2000:]}")
-        for port in cluster.ports:
-            _wait(lambda p=port: _cluster_ok(cluster.host, p, len(cluster.ports)), deadline,
-                  f"node {port} not in cluster_state:ok", cluster)  # fmt: skip
+        cluster.wait_ok(max(1.0, deadline - time.monotonic()))
     except BaseException:
         cluster.stop()
         raise

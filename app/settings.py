@@ -78,6 +78,11 @@ class Settings:
     )
     # --- compute -----------------------------------------------------------
     device: Device = _doc("auto (GPU when CuPy sees one), cpu or gpu", default="auto")
+    predict_threads: int = _doc(
+        "CPU threads one worker's forecasts use (XGBoost nthread; 0 = one per core, XGBoost's default). "
+        "Several workers on one host: cores / workers, or they stall each other (README sizing guide)",
+        default=0,
+    )
     # --- windows and scoring -----------------------------------------------
     slot_s: int = _doc("slot length in seconds: samples are averaged into slots", default=300)
     window_span_s: int = _doc("sliding-window span kept per VM, in seconds (>= 24 h)", default=86400)
@@ -224,6 +229,8 @@ class Settings:
             raise ValueError("api_port must be 1..65535, drain_slot_s > 0 and drain_max_concurrent >= 1")
         if self.drain_time_limit_s <= 0:
             raise ValueError("drain_time_limit_s must be positive")
+        if self.predict_threads < 0:
+            raise ValueError("predict_threads must be >= 0 (0 = one thread per core)")
         if not 0 <= self.accuracy_sample <= 1 or self.accuracy_max_vms < 0:
             raise ValueError("accuracy_sample must lie in [0, 1] and accuracy_max_vms be >= 0")
         tls_files = (self.redis_ssl_cafile, self.redis_ssl_certfile, self.redis_ssl_keyfile)

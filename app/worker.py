@@ -237,7 +237,7 @@ async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
     server = start_http_server(settings.metrics_port, metrics.registry) if settings.metrics_port > 0 else None
 
     store = ModelStore(settings.model_store)
-    model = await _first_model(settings, store)
+    model = (await _first_model(settings, store)).use_threads(settings.predict_threads)
     log.info("serving model %s on device %s", model.version, device)
     watcher = ModelWatcher(settings, store, model, metrics=metrics)
     await watcher.start()

@@ -413,13 +413,15 @@ def training_examples(
     window_slots: int,
     slot_s: int,
     xp: Any = None,
-) -> tuple[Any, Any]:
+    with_index: bool = False,
+) -> tuple[Any, ...]:
     """(X, Y) for forecasting from many origins, through ``build_features`` (no drift from serving).
 
     ``series (V, T, C)`` per-slot means in ``WINDOW_CHANNELS`` order (or ``(T, C)`` for one VM),
     slot ``t`` being absolute slot ``first_slot + t``; ``attrs`` per VM ``(V,)``; ``origins``
     indexes into T (the newest slot of each window). ``Y (n, len(TARGETS))`` holds the raw
     target values at ``origin + h`` (NaN when unknown); rows with no known target are dropped.
+    ``with_index`` adds each row's VM (index into V) and origin: ``(X, Y, vm, origin)``.
     """
     xp = array_module(series) if xp is None else xp
     series = xp.asarray(series, dtype=xp.float32)
@@ -440,4 +442,8 @@ def training_examples(
     Y = series[:, xp.clip(tgt, 0, T - 1), :][..., cols]  # (V, n_o, H, 3)
     Y = xp.where(inside[None, :, :, None], Y, xp.float32(xp.nan)).reshape(V * n_o * H, len(TARGETS))
     keep = ~xp.isnan(Y).all(axis=1)
-    return X[keep], Y[keep]
+    if not with_index:
+        return X[keep], Y[keep]
+    vm = xp.repeat(xp.arange(V, dtype=xp.int64), n_o * H)
+    origin = xp.tile(xp.repeat(o, H), V)
+    return X[keep], Y[keep], vm[keep], origin[keep]

@@ -76,8 +76,11 @@ def window_min(x: Any, duration_slots: Any, xp: Any = None) -> Any:
     return _sliding(x, duration_slots, xp, xp.minimum, np.inf)
 
 
-def _window_values(downtime_ms: Any, duration_slots: Any, xp: Any) -> Any:
-    """Window value per start ``(k, T)``, NaN slots as +inf so no window covering one is ever chosen."""
+def window_values(downtime_ms: Any, duration_slots: Any, xp: Any = None) -> Any:
+    """Window value per start ``(k, T)``: the worst downtime over the slots a migration started there
+    covers, NaN slots as +inf so no window covering one is ever chosen. ``best_window`` and
+    ``recommended_window`` take it as ``values`` when the caller needs it more than once."""
+    xp = xp or module_of(downtime_ms)
     x = xp.asarray(downtime_ms)
     if x.ndim != 2:
         raise ValueError(f"downtime_ms must be (k, T), got shape {tuple(x.shape)}")
@@ -90,7 +93,9 @@ def _pick(vals: Any, start: Any, dtype: Any, xp: Any) -> Any:
     return xp.where(xp.isfinite(value), value, np.nan).astype(dtype)
 
 
-def best_window(downtime_ms: Any, duration_slots: Any = 1, tol_ms: float = 1.0, xp: Any = None) -> tuple[Any, Any]:
+def best_window(
+    downtime_ms: Any, duration_slots: Any = 1, tol_ms: float = 1.0, xp: Any = None, values: Any = None
+) -> tuple[Any, Any]:
     """Start index and value of the strict-minimum window per VM.
 
     ``downtime_ms``: ``(k, T)`` predicted downtime per start slot; ``duration_slots``:
@@ -98,10 +103,11 @@ def best_window(downtime_ms: Any, duration_slots: Any = 1, tol_ms: float = 1.0, 
     lowest window value; among windows within ``tol_ms`` of it, the earliest start
     (float noise must not push a migration later). NaN slots are never chosen; a
     VM with no finite window gets start 0 and value NaN.
+    ``values``: :func:`window_values` of these, when the caller has them.
     Returns ``(start_idx int64 (k,), value (k,))``.
     """
     xp = xp or module_of(downtime_ms)
-    vals = _window_values(downtime_ms, duration_slots, xp)
+    vals = window_values(downtime_ms, duration_slots, xp) if values is None else values
     best = vals.min(axis=1)
     start = xp.argmax(vals <= best[:, None] + tol_ms, axis=1).astype(xp.int64)
     start = xp.where(xp.isfinite(best), start, 0)
@@ -117,6 +123,7 @@ def recommended_window(
     tol_rel: float = 0.1,
     min_p_ok: float = 0.9,
     xp: Any = None,
+    values: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Start index, value and rule of the window a scheduler should take, per VM.
 
@@ -129,12 +136,13 @@ def recommended_window(
     ``downtime_ms``/``duration_slots`` as in :func:`best_window`; ``p_ok_per_start``
     ``(k, T)``; ``target_ms`` a scalar or per VM ``(k,)``. NaN downtime or p_ok
     never fits; a VM with no finite window gets start 0, value NaN, rule minimum.
+    ``values``: :func:`window_values`, when the caller has them.
     Returns ``(start_idx int64 (k,), value (k,), rule int8 (k,))``, rule an index
     into :data:`WINDOW_RULES`: now (slot 0 fits), fits (a later start fits),
     minimum (nothing fits: the fallback).
     """
     xp = xp or module_of(downtime_ms)
-    vals = _window_values(downtime_ms, duration_slots, xp)
+    vals = window_values(downtime_ms, duration_slots, xp) if values is None else values
     best = vals.min(axis=1, keepdims=True)
     with np.errstate(invalid="ignore"):  # 0 * inf (tol_rel 0, a VM without a finite window) is NaN: not near
         near = xp.isfinite(vals) & (vals <= best + xp.maximum(tol_ms, tol_rel * best))

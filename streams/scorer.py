@@ -35,7 +35,7 @@ import numpy as np
 
 from gpu_kernels.downtime import PrecopyParams, p_ok, precopy_with
 from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, build_features
-from gpu_kernels.window import WINDOW_RULES, WindowPolicy, best_window, recommended_window, window_max, window_min
+from gpu_kernels.window import WINDOW_RULES, WindowPolicy, best_window, recommended_window, window_min, window_values
 from gpu_kernels.xp import to_numpy
 from streams.curve import encode_curves
 from streams.scores import ScoreBatch
@@ -169,10 +169,11 @@ def score_windows(
     p_slot = p_ok(dirty50, dirty90, mem, bw, p_target_ms, params.max_rounds, xp, params=params, wss_mb=wss)
     p_start = window_min(xp.nan_to_num(p_slot, nan=0.0), dur_slots, xp)  # unknown counts as not ok
     policy = policy or WindowPolicy()
+    vals = window_values(downtime, dur_slots, xp)  # once: the recommendation, the minimum and the curve read it
     start, value, rule = recommended_window(
-        downtime, dur_slots, p_start, params.pause_bound_ms, policy.tol_ms, policy.tol_rel, policy.min_p_ok, xp
+        downtime, dur_slots, p_start, params.pause_bound_ms, policy.tol_ms, policy.tol_rel, policy.min_p_ok, xp, values=vals
     )
-    min_start, min_value = best_window(downtime, dur_slots, tol_ms, xp)
+    min_start, min_value = best_window(downtime, dur_slots, tol_ms, xp, values=vals)
 
     def window(at: Any) -> tuple[Any, Any, Any]:
         """(start epoch s, end epoch s, p_ok) of the windows starting at slot index ``at`` (k,)."""
@@ -186,7 +187,7 @@ def score_windows(
     curve = {}
     if with_curve:
         curve = {
-            "curve_downtime_ms": to_numpy(window_max(xp.where(xp.isnan(downtime), xp.inf, downtime), dur_slots, xp)),
+            "curve_downtime_ms": to_numpy(vals),
             "mem_mb": to_numpy(mem[:, 0]),
         }
     return curve | {

@@ -20,6 +20,7 @@ serving): ``last`` = ``<s>_last``, ``yday`` = ``<s>_yday`` (the same slot one da
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -120,7 +121,18 @@ def apply_blend(q: Any, X: Any, blend: Blend, slot_s: int, edges_h: tuple[float,
     return out
 
 
-def one_se_choice(rows_err: np.ndarray, n_blocks: int = BLOCKS) -> int:
+def clustered_se(diff: np.ndarray, labels: np.ndarray) -> float:
+    """Standard error of ``diff.mean()`` when rows sharing a label are correlated (the
+    cluster-robust estimator, CR1); NaN with fewer than two clusters."""
+    _, inv = np.unique(labels, return_inverse=True)
+    g = int(inv.max()) + 1 if inv.size else 0
+    if g < 2:
+        return float("nan")
+    resid = np.bincount(inv, diff - diff.mean(), minlength=g)  # per cluster: sum of (d - mean)
+    return float(np.sqrt((resid**2).sum() * g / (g - 1)) / diff.size)
+
+
+def one_se_choice(rows_err: np.ndarray, groups: Sequence[np.ndarray] | None = None, n_blocks: int = BLOCKS) -> int:
     """The first candidate whose MAE is within one standard error of the best one's (the
     one-standard-error rule), from per-row errors ``(candidates, m)`` in order of preference
     (model weights ascending; naive forecasts simplest first).
@@ -128,24 +140,29 @@ def one_se_choice(rows_err: np.ndarray, n_blocks: int = BLOCKS) -> int:
     Why: on a validation split a gain of a fraction of a percent over a naive forecast is noise
     as often as not (Bitbrains at 6 h), and trusting it made the served forecast lose to
     persistence on the test days; weight goes to the model only where its gain holds across the
-    split. The standard error comes from ``n_blocks`` contiguous blocks of rows (rows are
-    VM-major, so a block is one VM's or two VMs' origins: errors inside it are correlated).
+    split. ``groups`` are row labels (e.g. each row's VM and its origin's day); the standard error
+    is the largest of the cluster-robust ones over them, so a gain has to hold across VMs *and*
+    across days (on Bitbrains the 24 h winner changed from day to day). Without groups, rows
+    fall in ``n_blocks`` contiguous blocks.
     """
     W, m = rows_err.shape
     best = int(np.argmin(rows_err.mean(axis=1)))
-    starts = np.linspace(0, m, min(n_blocks, m) + 1).astype(np.int64)[:-1]
-    sizes = np.diff(np.append(starts, m))
+    if groups is None:
+        groups = [np.arange(m) * min(n_blocks, m) // max(m, 1)]
     for i in range(best):  # the preferred ones first
-        diff = np.add.reduceat(rows_err[i] - rows_err[best], starts) / sizes
-        if diff.mean() <= diff.std(ddof=1) / np.sqrt(diff.size):
+        diff = rows_err[i] - rows_err[best]
+        se = max((v for v in (clustered_se(diff, g) for g in groups) if np.isfinite(v)), default=0.0)
+        if diff.mean() <= se:
             return i
     return best
 
 
 def fit_blend(
-    q: np.ndarray, X: np.ndarray, Y: np.ndarray, horizons: np.ndarray, slot_s: int, edges_h: tuple[float, ...]
-) -> tuple[Blend, dict[str, Any]]:
-    """Choose the blend on validation rows: ``q (n, TG, 2)`` booster quantiles, ``Y (n, TG)`` actuals.
+    q: np.ndarray, X: np.ndarray, Y: np.ndarray, horizons: np.ndarray, slot_s: int, edges_h: tuple[float, ...],
+    groups: Mapping[str, np.ndarray] | None = None,
+) -> tuple[Blend, dict[str, Any]]:  # fmt: skip
+    """Choose the blend on validation rows: ``q (n, TG, 2)`` booster quantiles, ``Y (n, TG)`` actuals,
+    ``groups`` per-row labels whose clusters set the standard error (``one_se_choice``).
 
     Returns the blend and a report: per target and grid horizon the validation MAE of the
     model, of each naive forecast and of the served blend.
@@ -172,8 +189,9 @@ def fit_blend(
             rows_err = np.abs(w * m[None, :, None] + (1 - w) * cands[None, :, :] - ys[None, :, None])  # (W, m, K)
             err = rows_err.mean(axis=1)  # (W, K)
             # the partner: persistence unless another naive forecast beats it alone by more than a standard error
-            ik = _PREFERRED[one_se_choice(rows_err[0][:, _PREFERRED].T)]
-            iw = one_se_choice(rows_err[:, :, ik])
+            g = None if groups is None else [labels[sel] for labels in groups.values()]
+            ik = _PREFERRED[one_se_choice(rows_err[0][:, _PREFERRED].T, g)]
+            iw = one_se_choice(rows_err[:, :, ik], g)
             wt.append(float(WEIGHTS[iw]))
             nv.append(NAIVE[ik])
             med_all[sel] = WEIGHTS[iw] * m + (1 - WEIGHTS[iw]) * cands[:, ik]

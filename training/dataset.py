@@ -271,27 +271,33 @@ def panel_examples(
     slot_s: int,
     end: int | None = None,
     chunk_vms: int = 32,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_index: bool = False,
+) -> tuple[np.ndarray, ...]:
     """(X, Y) at ``origins`` for every VM, labels only from slots before ``end`` (exclusive).
 
     Uses ``gpu_kernels.features.training_examples`` (the serving feature code);
-    VMs go in chunks so the stacked windows stay small in memory.
+    VMs go in chunks so the stacked windows stay small in memory. ``with_index`` adds each
+    row's VM (index into ``panel.vms``) and origin slot: ``(X, Y, vm, origin)``.
     """
     from gpu_kernels.features import FEATURE_NAMES, TARGETS, training_examples
 
     end = panel.n_slots if end is None else end
     origins = np.asarray(origins, dtype=np.int64)
     origins = origins[origins < end - 1]
-    xs, ys = [], []
+    parts: list[tuple[np.ndarray, ...]] = []
     for lo in range(0, len(panel.vms), chunk_vms):
         idx = np.arange(lo, min(lo + chunk_vms, len(panel.vms)))
         if origins.size == 0:
             break
-        X, Y = training_examples(panel.series[idx, :end], panel.attrs(idx), panel.first_slot, origins, horizons, window_slots, slot_s)
+        X, Y, vm, origin = training_examples(
+            panel.series[idx, :end], panel.attrs(idx), panel.first_slot, origins, horizons, window_slots, slot_s, with_index=True
+        )
         # drop rows whose window holds no observation at all (VM not alive yet)
         keep = ~np.isnan(X[:, FEATURE_NAMES.index("cpu_last")])
-        xs.append(X[keep])
-        ys.append(Y[keep])
-    if not xs:
-        return np.empty((0, len(FEATURE_NAMES)), np.float32), np.empty((0, len(TARGETS)), np.float32)
-    return np.concatenate(xs), np.concatenate(ys)
+        parts.append((X[keep], Y[keep], idx[vm[keep]], origin[keep]))
+    if parts:
+        out = tuple(np.concatenate(a) for a in zip(*parts))
+    else:
+        out = (np.empty((0, len(FEATURE_NAMES)), np.float32), np.empty((0, len(TARGETS)), np.float32),
+               np.empty(0, np.int64), np.empty(0, np.int64))  # fmt: skip
+    return out if with_index else out[:2]

@@ -138,10 +138,12 @@ def window_costs(downtime: np.ndarray, dur_slots: np.ndarray) -> np.ndarray:
 
 
 def regret_of(costs: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Incurred minus best cost per row, ``costs (n, T)`` actual window costs, ``starts (n,)``."""
+    """Incurred minus best cost per row, ``costs (n, T)`` actual window costs, ``starts (n,)``;
+    NaN where no window has a finite cost."""
     best = costs.min(axis=1)
     chosen = np.take_along_axis(costs, np.asarray(starts, dtype=np.int64)[:, None], axis=1)[:, 0]
-    return chosen - best
+    with np.errstate(invalid="ignore"):  # inf - inf
+        return chosen - best
 
 
 # --- the backtest ---------------------------------------------------------------------

@@ -90,6 +90,16 @@ class ForecastModel:
     def n_bands(self) -> int:
         return len(self.band_edges_h) + 1
 
+    def use_threads(self, n: int) -> ForecastModel:
+        """Cap the CPU threads of every booster's predictions at ``n`` (0: leave XGBoost's one per core).
+        Why: two workers on two cores, each with one thread per core, stalled each other
+        (README sizing guide)."""
+        if n > 0:
+            for boosters in self.boosters.values():
+                for booster in boosters:
+                    booster.set_param({"nthread": int(n)})
+        return self
+
     def predict(self, X: Any, device: str | None = None) -> Any:
         """Raw-scale quantiles ``(n, 3, 2)`` float32 on ``X``'s device, q90 >= q50 >= 0: the boosters'
         combined with the naive forecasts by ``blend`` when the model has one.

@@ -56,8 +56,9 @@ def summary_tables(summary: dict[str, Any]) -> str:
 def validation_table(val: dict[str, Any]) -> str:
     """The validation split's MAE per target and bucket: boosters, naive forecasts, served blend."""
     r = val["ranges"]
-    lines = [f"train {r['train'][0]} .. {r['train'][1]}, validation {r['validation'][0]} .. {r['validation'][1]}, "
-             f"{val['rows']} validation rows", ""]  # fmt: skip
+    folds = ", ".join(f"{a} .. {b}" for a, b in r.get("validation_folds", [r["validation"]]))
+    lines = [f"train {r['train'][0]} .. {r['train'][1]}, validation folds {folds}: {val['rows']} rows "
+             f"from {val.get('days', '?')} origin days", ""]  # fmt: skip
     for target, buckets in val["mae"].items():
         methods = list(next(iter(buckets.values())).keys())
         lines += [f"| {target} | " + " | ".join(methods) + " | served / best naive |", "| --- " * (len(methods) + 2) + "|"]
@@ -76,7 +77,8 @@ def splits_text(summary: dict[str, Any]) -> str:
     folds = sp.get("folds", [sp])
     return "\n".join(
         f"{f['protocol']}: train {f['train'][0]} .. {f['train'][1]} ({f['train_vms']} VMs), validation "
-        f"{f['validation'][0]} .. {f['validation'][1]}, refit to {f['refit'][1]}, test {f['test'][0]} .. {f['test'][1]} "
+        f"{f['validation'][0]} .. {f['validation'][1]} ({len(f.get('validation_folds', [0]))} folds), refit to "
+        f"{f['refit'][1]}, test {f['test'][0]} .. {f['test'][1]} "
         f"({f['test_vms']} VMs)"
         for f in folds
     )

@@ -5,11 +5,12 @@ when a GPU is present (``dask_cuda`` imported only then), else a ``LocalCluster`
 of processes. Grids and examples are built on the workers, one task per VM group;
 the booster is trained with ``xgboost.dask`` through ``training.fit.fit_forecaster``.
 
-Blend (``training.blend``, as ``zhuge evaluate`` fits it, ``training.validated``): the last
-part of the history before the held-out day is a validation split; boosters fitted before
-it choose, per target and horizon, the combination with the naive forecasts there, then the
-boosters are refitted on everything before the held-out day and served with that blend (a
-history too short for the split: boosters alone, logged).
+Blend (``training.blend``, chosen by the same code as ``zhuge evaluate``'s,
+``training.validated.choose_blend``): the last part of the history before the held-out day
+is cut into validation folds; for each, boosters fitted before it forecast it, and on all
+folds together the combination with the naive forecasts is chosen per target and horizon.
+The boosters are then refitted on everything before the held-out day and served with that
+blend (a history too short for the folds: boosters alone, logged).
 
 Gate: the most recent day is held out; the challenger is fitted on labels before it.
 On forecasts made inside that day it is measured with the workers' live-accuracy
@@ -35,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from training.blend import fit_blend
 from training.dataset import Panel, SlotGrid, panel_examples, panel_from_grids, sample_origins
-from training.fit import BAND_EDGES_H, TrainingKnobs
+from training.fit import TrainingKnobs
+from training.validated import choose_blend, validation_plan
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
@@ -235,28 +236,6 @@ def holdout_examples(panel: Panel, settings: Any, cfg: RetrainConfig) -> tuple[n
     return X, Y, cut
 
 
-# --- validation (the blend) -----------------------------------------------------------
-
-
-def validation_start(panel: Panel, settings: Any, cut: int) -> int | None:
-    """Where the validation split starts inside ``[0, cut)`` (``training.validated``), or None
-    when the history before the held-out day is too short to hold one."""
-    from training.validated import validation_range
-
-    try:
-        return validation_range(0, cut, settings.horizon_slots, settings.window_slots).val_start
-    except ValueError:
-        return None
-
-
-def validation_examples(panel: Panel, settings: Any, val_start: int, cut: int) -> tuple[np.ndarray, np.ndarray]:
-    """(X, Y) from origins in ``[val_start, cut)`` with labels before ``cut`` (never the held-out day)."""
-    from training.model import default_horizons
-
-    origins = np.arange(val_start - 1, cut - 1, 12)
-    return panel_examples(panel, origins, default_horizons(settings.horizon_slots), settings.window_slots, settings.slot_s, end=cut)
-
-
 # --- the run ------------------------------------------------------------------------
 
 
@@ -291,16 +270,19 @@ def retrain_once(
         )  # fmt: skip
 
     horizons = default_horizons(settings.horizon_slots)
-    blend, val_start = None, validation_start(panel, settings, cut)
-    if val_start is None:
+
+    def fit_before(slot: int) -> ForecastModel:
+        Xi, Yi, _ = distributed_examples(client, panel, settings, cfg, end=slot)
+        return ForecastModel("inner", fit(Xi, Yi), horizons, settings.slot_s)
+
+    blend = None
+    try:  # the blend is chosen on validation folds before the held-out day (training.validated)
+        plan = validation_plan(0, cut, settings.horizon_slots, settings.window_slots)
+    except ValueError:
         log.warning("history too short for a validation split before the held-out day: serving the boosters without a blend")
-        boosters = fit(X, Y)
-    else:  # the blend is chosen on [val_start, cut) by boosters fitted before it, then the boosters are refitted to cut
-        Xi, Yi, _ = distributed_examples(client, panel, settings, cfg, end=val_start)
-        inner = ForecastModel("inner", fit(Xi, Yi), horizons, settings.slot_s)
-        Xv, Yv = validation_examples(panel, settings, val_start, cut)
-        blend, _ = fit_blend(np.asarray(inner.predict_boosters(Xv)), Xv, Yv, horizons, settings.slot_s, BAND_EDGES_H)
-        boosters = fit(X, Y)
+    else:
+        blend, _ = choose_blend(panel, plan, settings, fit_before, seed=cfg.seed)
+    boosters = fit(X, Y)
     t["fit_s"] = time.perf_counter() - tic
     first = panel.first_slot * settings.slot_s
     challenger = ForecastModel(

@@ -167,10 +167,10 @@ class ClusterRedisSink(RedisSink):
                 for text in _SCRIPTS.values():
                     await self.client.script_load(text)  # SCRIPT LOAD goes to every primary
                 self._loaded = True
-            pipe = self.client.pipeline(transaction=False)
-            build(pipe)
             try:
-                return list(await pipe.execute())
+                async with self.client.pipeline(transaction=False) as pipe:  # reset also when a node is down
+                    build(pipe)
+                    return list(await pipe.execute())
             except NoScriptError:
                 self._loaded = False
                 if attempt:

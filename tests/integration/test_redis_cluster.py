@@ -180,6 +180,47 @@ async def test_scripts_are_loaded_again_after_a_script_flush(cenv) -> None:
     assert await client.zcard(k.rank_now) == 2
 
 
+async def test_a_cluster_outage_fails_each_write_and_writes_resume_when_it_returns(tmp_path: Path) -> None:
+    """Every node stopped, then started again from its nodes.conf: writes raise (the worker retries
+    them with back-off), nothing warns of an unclosed client, and the same sink and client write again."""
+    import gc
+    import warnings
+
+    from redis.exceptions import RedisClusterException, RedisError
+
+    if cluster_tools():
+        pytest.skip("needs redis-server and redis-cli")
+    own = start_redis_cluster(tmp_path / "outage")
+    try:
+        settings = Settings.from_env(redis_url=own.url, redis_cluster=True, redis_prefix="zo:", state_dir=str(tmp_path / "s"))
+        client = settings.redis_client()
+        sink = RedisSink(settings, client)
+        assert await sink.write_counts(scores(["a", "b"], ["h1", "h2"], now_ms=5.0, last_ts=1.0)) == (2, 0)
+        own.stop()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for attempt in range(2):
+                with pytest.raises((RedisError, RedisClusterException, OSError)):  # the worker retries any
+                    await asyncio.wait_for(sink.write_counts(scores(["a"], ["h1"], now_ms=6.0, last_ts=2.0 + attempt)), 60)
+            gc.collect()
+        assert not [w for w in caught if "nclosed" in str(w.message)], [str(w.message) for w in caught]
+        own.start_nodes()
+        own.wait_ok()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert await sink.write_counts(scores(["a", "c"], ["h1", "h3"], now_ms=7.0, last_ts=3.0)) == (2, 0)
+                break
+            except (RedisError, RedisClusterException):  # until the client has found the nodes again
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+        assert await client.zcard(settings.redis_keys().rank_now) == 2  # "b" went with the restart (no persistence)
+        await client.aclose()
+    finally:
+        own.stop()
+
+
 async def test_write_rate_10k_vms_single_node_and_cluster(cenv, services: Settings) -> None:
     """The same 10,000-VM batch (with curves) written to the single Redis and to the cluster, first and again."""
     settings, client, _ = cenv

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~40-70 s: Kafka start + two Dask fits
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~40-90 s: Kafka start + Dask fits (two validation folds, refit)
 
 
-def _write_history(root, n_vms: int = 6, days: int = 3, slot_s: int = 300) -> None:
+def _write_history(root, n_vms: int = 6, days: int = 5, slot_s: int = 300) -> None:
     """A hive-partitioned archive (date=/hour=) of daily-cycle VMs, as the worker's sink writes it."""
     import pyarrow as pa
     import pyarrow.dataset as ds
@@ -52,6 +52,9 @@ def test_retrain_publishes_into_an_empty_store_then_gates_on_the_held_out_day(se
         assert first.published and first.reason == "store empty"
         assert ModelStore(settings.model_store).latest_version() == first.version
         assert first.n_vms == 6 and first.rows > 0
+        # four days before the held-out one: two validation folds chose a blend, served with the model
+        blend = ModelStore(settings.model_store).load(first.version, slot_s=settings.slot_s).blend
+        assert blend is not None and max(blend.weight["cpu_pct"]) > 0
         deadline = time.monotonic() + 5
         got = None
         while time.monotonic() < deadline and got is None:

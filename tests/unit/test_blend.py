@@ -105,3 +105,22 @@ def test_a_gain_within_noise_goes_to_the_naive_forecast_and_a_clear_one_to_the_m
     for model, expect_w in ((noisy, 0), (clear, 1)):
         rows_err = np.stack([naive, model])  # W = 2: the naive forecast alone, the model alone
         assert one_se_choice(rows_err) == expect_w
+
+
+def test_a_gain_that_holds_on_some_days_only_goes_to_the_naive_forecast() -> None:
+    """Many VMs make a row-level standard error tiny; the day clusters keep it honest."""
+    from training.blend import one_se_choice
+
+    rng = np.random.default_rng(7)
+    days, vms, per = 6, 200, 20
+    day = np.repeat(np.arange(days), vms * per)
+    vm = np.tile(np.repeat(np.arange(vms), per), days)
+    naive = np.abs(rng.normal(0, 1, day.size))
+    swing = np.array([-0.3, -0.25, 0.2, -0.3, 0.3, -0.1])[day]  # the model wins on 4 days of 6, and loses on 2
+    model = naive + swing + rng.normal(0, 0.05, day.size)
+    rows_err = np.stack([naive, model])
+    assert model.mean() < naive.mean()
+    assert one_se_choice(rows_err, [vm]) == 1  # across VMs alone the gain looks clear
+    assert one_se_choice(rows_err, [vm, day]) == 0  # across days it does not hold
+    steady = naive - 0.1 + rng.normal(0, 0.05, day.size)
+    assert one_se_choice(np.stack([naive, steady]), [vm, day]) == 1

@@ -134,3 +134,23 @@ async def test_a_store_that_cannot_list_still_serves_new_versions(
     await watcher.check()
     new = watcher.maybe_reload()
     assert new is not None and new.version == second
+
+
+async def test_a_swapped_in_model_predicts_with_the_configured_threads(tmp_path: Path) -> None:
+    import json
+
+    settings = Settings.from_env({"ZHUGE_PREDICT_THREADS": "1"}, model_store=str(tmp_path), redis_url="redis://127.0.0.1:9/0")
+    store = ModelStore(str(tmp_path))
+    store.publish(tiny_model(0), now=1_790_000_000.0)
+    watcher = ModelWatcher(settings, store, tiny_model(0))
+    store.publish(tiny_model(1), now=1_790_000_060.0)
+    await watcher.check()
+    new = watcher.maybe_reload()
+    assert new is not None
+    nthreads = {json.loads(b.save_config())["learner"]["generic_param"]["nthread"] for bs in new.boosters.values() for b in bs}
+    assert nthreads == {"1"}
+
+
+def test_predict_threads_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="predict_threads"):
+        Settings.from_env({"ZHUGE_PREDICT_THREADS": "-1"})

@@ -11,7 +11,7 @@ from app.settings import Settings
 from training.dataset import Panel
 from training.evaluate import BacktestConfig
 from training.protocol import Protocol, parse_days, run_protocol, train_range, validate_only
-from training.validated import validation_range
+from training.validated import validation_plan
 
 SETTINGS = Settings.from_env({})
 CFG = BacktestConfig(n_estimators=4, max_depth=2, max_train_rows=5000, train_origin_every=24, test_origin_every=48, nthread=1)
@@ -42,11 +42,14 @@ def test_days_are_parsed_inclusive_from_one() -> None:
             parse_days(bad)
 
 
-def test_validation_sits_at_the_end_of_the_training_range() -> None:
-    r = validation_range(0, 1000, horizon_slots=24, window_slots=288)
-    assert r.start == 0 and r.end == 1000 and r.val_start == 800
+def test_validation_folds_follow_each_other_at_the_end_of_the_training_range() -> None:
+    plan = validation_plan(0, 1000, horizon_slots=24, window_slots=288)
+    assert plan.start == 0 and plan.end == 1000 and plan.val_start == 600
+    assert plan.fold_ranges() == [(600, 733), (733, 866), (866, 1000)]
+    # a validation part shorter than three horizons gets fewer folds
+    assert len(validation_plan(0, 1000, horizon_slots=200, window_slots=288).folds) == 2
     with pytest.raises(ValueError, match="too short"):
-        validation_range(0, 300, horizon_slots=24, window_slots=288)
+        validation_plan(0, 300, horizon_slots=24, window_slots=288)
 
 
 def test_holdout_trains_and_validates_before_the_test_part() -> None:
