@@ -178,6 +178,7 @@ class Pipeline:
         started = time.monotonic()
         now = self.clock()
         snap = await asyncio.to_thread(self.snapshots.load, partition)
+        archived = await asyncio.to_thread(self.history.archived_until, partition) if self.history is not None else None
         async with self._partition_log(partition) as plog:
             plan = await plan_recovery(snap, plog, since_ts=now - self.settings.window_span_s)
             store, pending = await asyncio.to_thread(self._restore, plan.snapshot)
@@ -188,25 +189,48 @@ class Pipeline:
                 dropped_seen=store.dropped_old,
                 pending=pending,
             )
+            # the window gets [plan.start, first_offset); the archive what it lacks before live
+            # processing takes over at next_offset (rows a killed worker still buffered)
+            lo, hi = plan.start, first_offset
+            refill_from = archived if archived is not None and archived < state.next_offset else None
+            if refill_from is not None:
+                lo, hi = min(lo, refill_from), state.next_offset
 
             def apply(records: list[LogRecord]) -> None:
                 records = [r for r in records if not self._is_dead(partition, r.offset)]
                 decoded = self._decode(records, now)
-                if len(decoded.vm):
-                    store.update(decoded.vm, decoded.host, decoded.ts, decoded.values, seen=self._seen(decoded, records, now))
-                    state.pending.update(decoded.vm)
-                if records:
-                    state.last_crc = record_crc(records[-1].key, records[-1].value, records[-1].timestamp_ms)
+                offsets = np.array([r.offset for r in records], dtype=np.int64)
+                row_offsets = offsets[decoded.source]
+                window = (row_offsets >= plan.start) & (row_offsets < first_offset)
+                if window.any():
+                    rows = decoded if window.all() else decoded.subset(window)
+                    seen = self._seen(decoded, records, now)[window]
+                    store.update(rows.vm, rows.host, rows.ts, rows.values, seen=seen)
+                    state.pending.update(rows.vm)
+                if refill_from is not None:
+                    hist = (row_offsets >= refill_from) & (row_offsets < state.next_offset)
+                    last = offsets[offsets < state.next_offset]
+                    mark = {partition: int(last[-1]) + 1} if last.size else None
+                    self.history.write(decoded if hist.all() else decoded.subset(hist), mark)  # type: ignore[union-attr]
+                in_window = [r for r in records if plan.start <= r.offset < first_offset]
+                if in_window:
+                    last_rec = in_window[-1]
+                    state.last_crc = record_crc(last_rec.key, last_rec.value, last_rec.timestamp_ms)
 
-            replayed = await plog.replay(plan.start, first_offset, apply)
+            replayed = await plog.replay(lo, hi, apply)
+        if self.history is not None and archived is None:
+            await asyncio.to_thread(self.history.mark_start, partition, state.next_offset)
         self.partitions[partition] = state
         if self.metrics is not None:
             self.metrics.recovery_replayed.inc(replayed)
             self.metrics.recovery_gap.inc(plan.gap)
         log.info(
-            "partition %d ready (%s): %s, replayed %d records [%d, %d) in %.2fs",
+            "partition %d ready (%s): %s, replayed %d records [%d, %d) in %.2fs%s",
             partition, reason, plan.why, replayed, plan.start, max(plan.start, first_offset), time.monotonic() - started,
+            "" if refill_from is None else f"; history archive refilled from offset {refill_from} to {state.next_offset}",
         )  # fmt: skip
+        if refill_from is not None and self.history is not None and self.history.flush_due():
+            self._start_history_flush()
         return state
 
     def _restore(self, snap: Any) -> tuple[WindowStore, set[str]]:
@@ -419,7 +443,7 @@ class Pipeline:
                 result.stale += written.skipped
         for vms, newest in computed.evicted:
             await self.retry("redis", lambda v=vms, t=newest: self.redis_sink.forget(v, t))
-        self._archive(computed.decoded)
+        self._archive(computed.decoded, records)
 
     async def _send(self, records: list[OutRecord]) -> None:
         if not records:
@@ -437,11 +461,12 @@ class Pipeline:
         await send_all(self.producer, records, on_error=on_error, on_healthy=on_healthy)
         return None
 
-    def _archive(self, decoded: dict[int, DecodedBatch]) -> None:
-        """Buffer valid samples for the Parquet history; a flush runs in the background (best effort)."""
+    def _archive(self, decoded: dict[int, DecodedBatch], records: dict[int, list[Record]]) -> None:
+        """Buffer valid samples for the Parquet history, with the offset each partition's archive will
+        then have reached; a flush runs in the background (best effort)."""
         if self.history is None:
             return
-        due = [self.history.write(d) for d in decoded.values() if len(d.vm)]
+        due = [self.history.write(d, {p: records[p][-1].offset + 1}) for p, d in decoded.items() if records.get(p)]
         if any(due):
             self._start_history_flush()
 

@@ -128,6 +128,12 @@ class DecodedBatch:
     def __len__(self) -> int:
         return len(self.vm)
 
+    def subset(self, keep: np.ndarray) -> DecodedBatch:
+        """The samples where the boolean ``keep (n,)`` is set (rejected messages are left out)."""
+        idx = np.flatnonzero(keep)
+        return DecodedBatch([self.vm[i] for i in idx.tolist()], [self.host[i] for i in idx.tolist()],
+                            self.ts[idx], self.values[idx], self.source[idx])  # fmt: skip
+
 
 _row = operator.attrgetter("ts", *METRICS)
 CONTROL_REASON = "must not contain control characters"

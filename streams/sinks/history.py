@@ -19,16 +19,27 @@ worker must not run out of memory because a disk filled up or an object store
 went away. Beyond ``max_buffer_rows`` the oldest rows are dropped and counted in
 ``dropped_rows``. A flush writes one file per UTC hour; when one fails, only the
 hours not yet written go back to the buffer, so a retry never duplicates rows.
+
+Why offset marks: rows wait in memory for up to a flush interval, so a worker killed
+before its flush took them along (a ``kill -9`` a minute after a backfill left an archive
+without it). Given ``marks`` (a name, the source topic), every flush records per Kafka
+partition the offset after the newest record whose rows it wrote, in
+``_offsets/<marks>/<partition>.json`` (pyarrow and Dask skip ``_`` paths); a partition
+taken on without one gets its first mark at once (``mark_start``). A worker that takes a
+partition over replays the records from that offset into the archive (``streams.pipeline``). So the archive is at least once: a crash between a flush and its
+mark, or a rebalance while the old owner still buffers rows, archives some rows twice,
+which the training reader absorbs (one sample per VM and timestamp, ``training.dataset``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -71,6 +82,7 @@ class HistorySink:
         max_buffer_rows: int = DEFAULT_MAX_BUFFER_ROWS,
         metrics: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        marks: str | None = None,
     ) -> None:
         import fsspec
 
@@ -97,6 +109,8 @@ class HistorySink:
         self._rows = 0
         self._since: float | None = None  # clock time of the oldest buffered row
         self._dropping = False  # rows dropped since the last successful flush (warned once)
+        self._marks_dir = f"{self._root.rstrip('/')}/_offsets/{marks}" if marks else None
+        self._pending_marks: dict[int, int] = {}  # partition -> next offset, once the buffer is written
 
     @classmethod
     def from_settings(cls, settings: Any) -> HistorySink:
@@ -106,15 +120,19 @@ class HistorySink:
             max_rows=settings.history_flush_rows,
             max_age_s=settings.history_flush_s,
             max_buffer_rows=settings.history_buffer_rows,
+            marks=settings.topic_metrics,
         )
 
     @property
     def buffered_rows(self) -> int:
         return self._rows
 
-    def write(self, decoded: Any) -> bool:
-        """Buffer a ``DecodedBatch``; True when a flush is due (row count or age reached)."""
+    def write(self, decoded: Any, marks: Mapping[int, int] | None = None) -> bool:
+        """Buffer a ``DecodedBatch``; True when a flush is due (row count or age reached).
+        ``marks``: partition -> the offset after the newest record these rows came from (taken
+        with the rows, under one lock, so a flush never records a mark without its rows)."""
         n = len(decoded.vm)
+        rows = None
         if n:
             values = np.asarray(decoded.values, dtype=np.float32)
             if values.shape != (n, len(self.metrics)):
@@ -122,8 +140,12 @@ class HistorySink:
             ts = np.asarray(decoded.ts, dtype=np.float64)
             if ts.shape != (n,) or len(decoded.host) != n:
                 raise ValueError("DecodedBatch columns vm, host, ts and values must have one length")
-            with self._lock:
-                self._chunks.append(_Rows(list(decoded.vm), list(decoded.host), ts, values))
+            rows = _Rows(list(decoded.vm), list(decoded.host), ts, values)
+        with self._lock:
+            for p, offset in (marks or {}).items():
+                self._pending_marks[p] = max(self._pending_marks.get(p, 0), int(offset))
+            if rows is not None:
+                self._chunks.append(rows)
                 self._rows += n
                 if self._since is None:
                     self._since = self._clock()
@@ -141,28 +163,77 @@ class HistorySink:
         """
         with self._lock:
             chunks, self._chunks = self._chunks, []
+            marks, self._pending_marks = self._pending_marks, {}
             self._rows, self._since = 0, None
-        if not chunks:
-            return []
-        groups = self._hour_groups(chunks)
+        groups = self._hour_groups(chunks) if chunks else []
         paths: list[str] = []
         for i, (hour, rows) in enumerate(groups):
             try:
                 paths.append(self._write_one(hour, rows))
             except BaseException:
-                self._put_back([g for _, g in groups[i:]])
+                self._put_back([g for _, g in groups[i:]], marks)
                 raise
-        self._end_outage()
+        try:
+            self._save_marks(marks)
+        except BaseException:
+            self._put_back([], marks)
+            raise
+        if groups:
+            self._end_outage()
         return paths
+
+    def mark_start(self, partition: int, offset: int) -> None:
+        """A partition without a mark, taken on at ``offset``: the archive is taken to hold what came
+        before it (nothing, on a new topic; unknown, on an archive older than its marks), so that a
+        worker killed before its first flush leaves a mark for the next one to refill from."""
+        if self.archived_until(partition) is None:
+            self._save_marks({int(partition): int(offset)})
+
+    def archived_until(self, partition: int) -> int | None:
+        """The offset of ``partition`` up to which the archive holds every record's rows
+        (None: no mark, e.g. marks off or nothing flushed yet)."""
+        if self._marks_dir is None:
+            return None
+        path = f"{self._marks_dir}/{int(partition)}.json"
+        try:
+            return int(json.loads(self._fs.cat_file(path))["next_offset"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("history offset mark %s unreadable (%s): not replaying into the archive", path, exc)
+            return None
 
     def close(self) -> list[str]:
         """Flush what is left; call on shutdown."""
         return self.flush()
 
     # ------------------------------------------------------------------
-    def _put_back(self, unwritten: list[_Rows]) -> None:
-        """Return rows a flush could not write, ahead of those written meanwhile (they are older)."""
+    def _save_marks(self, marks: dict[int, int]) -> None:
+        """Move each partition's mark forward (never back: a former owner flushing late must not undo it)."""
+        if self._marks_dir is None or not marks:
+            return
+        self._fs.makedirs(self._marks_dir, exist_ok=True)
+        for p, offset in sorted(marks.items()):
+            old = self.archived_until(p)
+            if old is not None and old >= offset:
+                continue
+            data = json.dumps({"next_offset": offset, "written": time.time()}).encode()
+            path = f"{self._marks_dir}/{p}.json"
+            if self._local:
+                tmp = f"{self._marks_dir}/.{p}.{uuid.uuid4().hex}.tmp"
+                self._fs.pipe_file(tmp, data)
+                self._fs.mv(tmp, path)
+            else:
+                self._fs.pipe_file(path, data)
+
+    def _put_back(self, unwritten: list[_Rows], marks: dict[int, int] | None = None) -> None:
+        """Return rows a flush could not write, ahead of those written meanwhile (they are older),
+        and the marks it could not record."""
         with self._lock:
+            for p, offset in (marks or {}).items():
+                self._pending_marks[p] = max(self._pending_marks.get(p, 0), offset)
+            if not unwritten:
+                return
             self._chunks[:0] = unwritten
             self._rows += sum(len(c) for c in unwritten)
             self._since = self._since if self._since is not None else self._clock()

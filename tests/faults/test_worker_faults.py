@@ -8,6 +8,7 @@ them; the README quotes them).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,13 @@ def test_kill_9_early_during_a_replay_then_restart_scores_every_vm_within_30_s(
     finally:
         assert second.stop() == 0, second.tail()
     assert_same_windows(snapshot_windows(fault_settings), log_windows(fault_settings))
+    # the samples the killed worker held for its next history flush were archived by the second one
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(fault_settings.history_url, format="parquet", partitioning="hive").to_table(columns=["vm", "ts"])
+    archived = set(zip(table.column("vm").to_pylist(), table.column("ts").to_pylist()))
+    sent = {(json.loads(v)["vm"], float(json.loads(v)["ts"])) for _, v in messages}
+    assert sent <= archived, f"{len(sent - archived)} of {len(sent)} samples missing from the archive"
 
 
 def test_the_broker_stopped_60_s_while_the_agent_keeps_sending_then_the_same_worker_catches_up_within_30_s(

@@ -241,3 +241,33 @@ def test_from_settings_uses_the_history_settings(tmp_path: Path):
 def test_buffer_bound_below_the_flush_threshold_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="max_buffer_rows"):
         HistorySink(str(tmp_path), max_rows=10, max_buffer_rows=9)
+
+
+def test_offset_marks_move_forward_with_each_flush_and_never_back(tmp_path: Path):
+    sink = HistorySink(str(tmp_path), metrics=METRICS, marks="vm.metrics")
+    assert sink.archived_until(0) is None
+    sink.write(batch(T0 + np.arange(3.0)), {0: 10, 1: 4})
+    assert sink.archived_until(0) is None  # buffered, not yet written
+    sink.flush()
+    assert (sink.archived_until(0), sink.archived_until(1)) == (10, 4)
+    late = HistorySink(str(tmp_path), metrics=METRICS, marks="vm.metrics")  # a former owner flushing late
+    late.write(batch(T0 + np.arange(2.0)), {0: 7})
+    late.flush()
+    assert sink.archived_until(0) == 10
+    # readers of the archive skip the marks
+    assert ds.dataset(str(tmp_path), format="parquet", partitioning="hive").count_rows() == 5
+    import dask.dataframe as dd
+
+    assert len(dd.read_parquet(str(tmp_path)).compute()) == 5
+
+
+def test_a_mark_is_written_only_with_its_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    sink = HistorySink(str(tmp_path), metrics=METRICS, marks="m")
+    sink.write(batch(T0 + np.arange(3.0)), {0: 3})
+    monkeypatch.setattr(sink, "_write_one", lambda hour, rows: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        sink.flush()
+    assert sink.archived_until(0) is None and sink.buffered_rows == 3
+    monkeypatch.undo()
+    sink.flush()
+    assert sink.archived_until(0) == 3

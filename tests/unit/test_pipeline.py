@@ -131,7 +131,7 @@ def as_records(log: list[LogRecord], partition: int = 0) -> list[Record]:
 
 
 def make_pipeline(settings: Settings, log: list[LogRecord], *, producer=None, redis=None, clock=None,  # noqa: ANN001
-                  scorer=None, metrics=None, begin=None) -> Pipeline:  # fmt: skip
+                  scorer=None, metrics=None, begin=None, history=None) -> Pipeline:  # fmt: skip
     return Pipeline(
         settings,
         worker_name="w0",
@@ -141,6 +141,7 @@ def make_pipeline(settings: Settings, log: list[LogRecord], *, producer=None, re
         metrics=metrics,
         clock=clock or Clock(),
         partition_log=lambda p: ListPartitionLog(log, begin=begin),
+        history=history,
     )
 
 
@@ -350,6 +351,37 @@ async def test_abort_then_resume_from_the_committed_offset_gives_exactly_once_wi
     second = make_pipeline(settings, log)
     await run_batches(second, records[resume_at:], size=5)
     assert_same_windows(windows(second.partitions[0].store), reference(settings, log))
+
+
+@pytest.mark.parametrize("snapshot_every_s", [0.0, 1e9], ids=["snapshot-each-batch", "no-snapshot"])
+@pytest.mark.parametrize("back", [0, 3], ids=["resume-at-commit", "redelivered"])
+@pytest.mark.parametrize("flushed", [0, 20], ids=["never-flushed", "flushed-after-20"])
+async def test_rows_a_killed_worker_had_not_archived_are_archived_by_the_next_one_once(tmp_path, snapshot_every_s, back, flushed):
+    """The archive flushed after ``flushed`` records (or never), the worker killed after 41 (its
+    buffer lost): the next owner refills the archive from its mark; every sample is there once."""
+    import pyarrow.dataset as ds
+
+    from streams.sinks.history import HistorySink
+
+    settings = make_settings(tmp_path, snapshot_every_s=snapshot_every_s, history_url=str(tmp_path / "history"))
+    log = fleet_log(6, 10)
+    records = as_records(log)
+    first = make_pipeline(settings, log, history=HistorySink.from_settings(settings))
+    committed = await run_batches(first, records[:flushed], size=5)
+    if flushed:
+        first.history.flush()
+    committed |= await run_batches(first, records[flushed:41], size=7)
+    await first.wait_snapshots()
+    assert first.history.buffered_rows == 41 - flushed and first.history.archived_until(0) == flushed
+    # kill -9: the buffered rows go with the process
+    second = make_pipeline(settings, log, history=HistorySink.from_settings(settings))
+    await run_batches(second, records[committed[0] - back :], size=5)
+    second.history.flush()
+    table = ds.dataset(settings.history_url, format="parquet", partitioning="hive").to_table(columns=["vm", "ts"])
+    archived = sorted(zip(table.column("vm").to_pylist(), table.column("ts").to_pylist()))
+    sent = sorted((json.loads(r.value)["vm"], float(json.loads(r.value)["ts"])) for r in log)
+    assert archived == sent
+    assert second.history.archived_until(0) == len(log)
 
 
 @pytest.mark.parametrize("new_records", [5, 90], ids=["new-log-shorter", "new-log-already-longer"])
