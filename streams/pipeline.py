@@ -398,9 +398,12 @@ class Pipeline:
             log.warning("Redis holds none of this worker's scores (restarted empty?): scoring its %d VMs again", vms)
 
     async def flush_due(self) -> int:
-        """Score pending VMs that became due with no new traffic, evict idle ones, take due snapshots (a timer calls it)."""
+        """Score pending VMs that became due with no new traffic, evict idle ones, take due snapshots and
+        history flushes (a timer calls it)."""
         async with self._lock:
             await self._resync_if_redis_was_reset()
+            if self.history is not None and self.history.flush_due():  # rows of a stream that went quiet
+                self._start_history_flush()
             now = self.clock()
 
             def compute() -> _Computed:

@@ -510,3 +510,19 @@ async def test_a_partition_skipped_while_another_file_was_written_is_taken_by_th
     written = p._snapshot_task
     await p.flush_due()  # nothing new since: not taken again
     assert p._snapshot_task is written
+
+
+async def test_rows_of_a_stream_that_went_quiet_are_archived_by_the_timer(tmp_path):
+    from streams.sinks.history import HistorySink
+
+    settings = make_settings(tmp_path, history_url=str(tmp_path / "history"), history_flush_s=1.0)
+    log = fleet_log(3, 4)
+    ticks = [0.0]
+    history = HistorySink(settings.history_url, max_age_s=settings.history_flush_s, clock=lambda: ticks[0], marks="m")
+    p = make_pipeline(settings, log, history=history)
+    await p.process(as_records(log))
+    assert history.buffered_rows == len(log)  # young rows wait for more
+    ticks[0] = 2.0  # no traffic since, older than ZHUGE_HISTORY_FLUSH_S
+    await p.flush_due()
+    await p.wait_history()
+    assert history.buffered_rows == 0 and history.archived_until(0) == len(log)
