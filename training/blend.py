@@ -19,8 +19,8 @@ serving): ``last`` = ``<s>_last``, ``yday`` = ``<s>_yday`` (the same slot one da
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

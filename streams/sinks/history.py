@@ -26,9 +26,10 @@ without it). Given ``marks`` (a name, the source topic), every flush records per
 partition the offset after the newest record whose rows it wrote, in
 ``_offsets/<marks>/<partition>.json`` (pyarrow and Dask skip ``_`` paths); a partition
 taken on without one gets its first mark at once (``mark_start``). A worker that takes a
-partition over replays the records from that offset into the archive (``streams.pipeline``). So the archive is at least once: a crash between a flush and its
-mark, or a rebalance while the old owner still buffers rows, archives some rows twice,
-which the training reader absorbs (one sample per VM and timestamp, ``training.dataset``).
+partition over replays the records from that offset into the archive (``streams.pipeline``).
+So the archive is at least once: a crash between a flush and its mark, or a rebalance while
+the old owner still buffers rows, archives some rows twice, which the training reader
+absorbs (one sample per VM and timestamp, ``training.dataset``).
 """
 
 from __future__ import annotations
