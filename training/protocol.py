@@ -24,7 +24,7 @@ import numpy as np
 from gpu_kernels.features import DAY_S
 from training.dataset import Panel
 from training.evaluate import BacktestConfig, BacktestResult, Progress, _noop, backtest, split_index
-from training.validated import iso_utc, fit_validated
+from training.validated import fit_validated, iso_utc, validate
 
 PROTOCOLS = ("holdout", "rolling", "days", "transfer")
 
@@ -136,8 +136,7 @@ def validate_only(
     """The validation report of the protocol's (last) training range, without a refit or any test:
     what choices (features, knobs) are made on."""
     start, end = train_range(panel, settings, cfg, protocol, test_panel)
-    _, val = fit_validated(panel, end, settings, cfg, start=start, refit=False, progress=progress)
-    return val
+    return validate(panel, end, settings, cfg, start=start, progress=progress)
 
 
 def _rolling(panel: Panel, settings: Any, cfg: BacktestConfig, protocol: Protocol, progress: Progress) -> BacktestResult:

@@ -66,6 +66,11 @@ def validation_table(val: dict[str, Any]) -> str:
             best = min(row[m] for m in methods if m not in ("model", "served"))
             lines.append(f"| {b} | " + " | ".join(_fmt(row[m]) for m in methods) + f" | {_fmt(row['served'] / best if best else float('nan'))} |")
         lines.append("")
+    if val.get("regret_ms"):
+        lines += ["| window regret over the validation folds, ms | forecast | now | seasonal choice | origins |", "| --- " * 5 + "|"]
+        lines += [f"| {name} | {_fmt(r['model'])} | {_fmt(r['now'])} | {_fmt(r['seasonal'])} | {int(r['origins'])} |"
+                  for name, r in val["regret_ms"].items()]  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
 
 

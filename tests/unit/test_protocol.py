@@ -100,3 +100,10 @@ def test_validation_only_reads_nothing_after_the_training_range() -> None:
     a = validate_only(panel, SETTINGS, CFG, Protocol("holdout"))
     b = validate_only(poisoned, SETTINGS, CFG, Protocol("holdout"))
     assert a["mae"] == b["mae"] and a["blend"] == b["blend"]
+    # the window regret of the served blend and of its alternatives, on the validation folds alone
+    assert set(a["regret_ms"]) == {"served", "dirty rate from the boosters", "boosters alone"}
+    assert a["regret_ms"] == b["regret_ms"] and all(r["origins"] > 0 for r in a["regret_ms"].values())
+    from training.report import validation_table
+
+    text = validation_table(a)
+    assert "validation folds" in text and "| dirty rate from the boosters |" in text
