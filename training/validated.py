@@ -12,8 +12,9 @@ Why several folds: with one three-day validation split the Bitbrains model kept 
 that lost on the following days. Which forecast wins there changes from day to day, so the choice
 needs many days, and a standard error that counts days, not rows.
 
-``zhuge evaluate`` (``fit_validated``) and ``zhuge retrain`` (through ``choose_blend`` with
-its Dask fit) share this code.
+``zhuge evaluate`` (``fit_validated``; ``validate`` for ``--validation-only``, which also scores
+window regret on the folds) and ``zhuge retrain`` (through ``choose_blend`` with its Dask fit)
+share this code.
 """
 
 from __future__ import annotations
