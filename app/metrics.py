@@ -102,18 +102,18 @@ class WorkerMetrics:
 
     def set_blend(self, model: Any) -> None:
         """Publish the served model's blend (``training.blend``) as ``zhuge_model_weight``; 1 without one."""
-        from gpu_kernels.accuracy import BUCKET_NAMES, BUCKETS
+        from gpu_kernels.accuracy import BUCKET_NAMES, bucket_index
         from gpu_kernels.features import TARGETS
 
         blend = getattr(model, "blend", None)
+        bucket = None if blend is None else bucket_index(np.asarray(blend.horizons) * model.slot_s)
         for target in TARGETS:
-            for name in BUCKET_NAMES:
-                lo, hi = BUCKETS[name]
+            for i, name in enumerate(BUCKET_NAMES):
                 if blend is None:
                     weight = 1.0
                 else:
-                    w = [wt for h, wt in zip(blend.horizons, blend.weight[target]) if lo < h * model.slot_s <= hi]
-                    weight = float(np.mean(w)) if w else float("nan")
+                    w = np.asarray(blend.weight[target])[bucket == i]
+                    weight = float(np.mean(w)) if w.size else float("nan")
                 self.model_weight.labels(target=target, bucket=name).set(weight)
 
     def _age(self) -> float:
@@ -170,12 +170,9 @@ class ForecastErrors:
     NAME = "zhuge_forecast_abs_error"
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        from gpu_kernels.accuracy import BUCKET_NAMES, METHODS
-        from gpu_kernels.features import TARGETS
+        from gpu_kernels.accuracy import ErrorTally
 
-        self.targets, self.buckets, self.methods = TARGETS, BUCKET_NAMES, METHODS
-        self.sums = np.zeros((len(TARGETS), len(BUCKET_NAMES), len(METHODS)), dtype=np.float64)
-        self.counts = np.zeros((len(TARGETS), len(BUCKET_NAMES)), dtype=np.int64)
+        self.tally = ErrorTally()
         self._lock = threading.Lock()
         self.tracked = Gauge("zhuge_forecast_tracked_vms", "VMs whose served forecasts are tracked for live accuracy", registry=registry)
         registry.register(self)
@@ -183,8 +180,7 @@ class ForecastErrors:
     def add(self, sums: np.ndarray, counts: np.ndarray) -> None:
         """Add ``gpu_kernels.accuracy.error_sums`` output: sums ``(T, B, M)``, counts ``(T, B)``."""
         with self._lock:
-            self.sums += sums
-            self.counts += counts
+            self.tally.add(sums, counts)
 
     def set_tracked(self, n: int) -> None:
         self.tracked.set(n)
@@ -198,11 +194,12 @@ class ForecastErrors:
             "Absolute error of realised forecasts (served q50 and naive baselines) per target, horizon bucket, method",
             labels=("target", "bucket", "method"),
         )
+        tally = self.tally
         with self._lock:
-            sums, counts = self.sums.copy(), self.counts.copy()
-        for i, t in enumerate(self.targets):
-            for j, b in enumerate(self.buckets):
-                for k, m in enumerate(self.methods):
+            sums, counts = tally.sums.copy(), tally.counts.copy()
+        for i, t in enumerate(tally.targets):
+            for j, b in enumerate(tally.buckets):
+                for k, m in enumerate(tally.methods):
                     fam.add_metric((t, b, m), count_value=int(counts[i, j]), sum_value=float(sums[i, j, k]))
         yield fam
 

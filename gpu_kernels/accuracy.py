@@ -34,13 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, TARGETS, array_module
+from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, SHORT_NAMES, TARGETS, array_module, newest_observed
 
 #: Horizon buckets, seconds ``(lo, hi]``: the same as ``training.evaluate.BUCKETS``.
 BUCKETS: dict[str, tuple[int, int]] = {"1h": (0, 3600), "6h": (3600, 6 * 3600), "24h": (6 * 3600, 24 * 3600)}
 BUCKET_NAMES: tuple[str, ...] = tuple(BUCKETS)
 METHODS: tuple[str, ...] = ("model", "last", "seasonal")
-_SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
 
 
 def bucket_index(horizon_s: Any) -> np.ndarray:
@@ -50,18 +49,6 @@ def bucket_index(horizon_s: Any) -> np.ndarray:
     for i, (lo, hi) in enumerate(BUCKETS.values()):
         out[(h > lo) & (h <= hi)] = i
     return out
-
-
-def newest_observed(hist: Any) -> Any:
-    """Newest non-NaN value of each row of ``hist (n, S)`` (oldest -> newest); NaN when none. NumPy or CuPy."""
-    xp = array_module(hist)
-    valid = ~xp.isnan(hist)
-    S = hist.shape[-1]
-    if S == 0:
-        return xp.full(hist.shape[0], xp.nan, dtype=hist.dtype)
-    idx = S - 1 - xp.argmax(valid[:, ::-1], axis=-1)
-    val = xp.take_along_axis(hist, idx[:, None], axis=-1)[:, 0]
-    return xp.where(valid.any(axis=-1), val, hist.dtype.type(np.nan))
 
 
 def naive_forecasts(hist: Any, horizons: Any, season: int) -> tuple[Any, Any]:
@@ -100,7 +87,7 @@ def naive_from_features(X: Any, season_s: int = 86400) -> dict[str, Any]:
     last = xp.empty((X.shape[0], len(TARGETS)), dtype=xp.float32)
     seas = xp.empty_like(last)
     for j, t in enumerate(TARGETS):
-        s = _SHORT[t]
+        s = SHORT_NAMES[t]
         lv = X[:, FEATURE_NAMES.index(f"{s}_last")].astype(xp.float32)
         yv = X[:, FEATURE_NAMES.index(f"{s}_yday")].astype(xp.float32)
         yv = xp.where(xp.isnan(yv), lv, yv)

@@ -56,13 +56,14 @@ PROFILE_ALPHA = 0.3
 #: Epoch day 0 (1970-01-01) was a Thursday; Monday = 0.
 _EPOCH_DOW = 3
 
-_SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
+#: Short name of each target in feature names (``cpu_last``, ``dirty_yday``, ...).
+SHORT_NAMES: dict[str, str] = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
 
 
 def _vm_feature_names() -> list[str]:
     names: list[str] = []
     for t in TARGETS:
-        s = _SHORT[t]
+        s = SHORT_NAMES[t]
         names.append(f"{s}_last")
         for span in SPANS_S:
             names += [f"{s}_{stat}_{_SPAN_TAGS[span]}" for stat in _STATS]
@@ -77,7 +78,7 @@ def _vm_feature_names() -> list[str]:
 def _horizon_feature_names() -> list[str]:
     names: list[str] = []
     for t in TARGETS:
-        s = _SHORT[t]
+        s = SHORT_NAMES[t]
         names += [f"{s}_yday", f"{s}_yday_1h", f"{s}_lastweek", f"{s}_prof", f"{s}_yday_delta", f"{s}_prof_delta"]
     names += ["horizon_h", "tod_sin", "tod_cos", "dow"]
     return names
@@ -153,6 +154,18 @@ def _masked_median(x: Any, xp: Any) -> Any:
     lo = xp.take_along_axis(srt, xp.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
     hi = xp.take_along_axis(srt, (n // 2)[..., None].clip(0, x.shape[-1] - 1), axis=-1)[..., 0]
     return xp.where(n > 0, (lo + hi) * x.dtype.type(0.5), x.dtype.type(xp.nan))
+
+
+def newest_observed(hist: Any) -> Any:
+    """Newest non-NaN value of each row of ``hist (n, S)`` (oldest -> newest); NaN when none. NumPy or CuPy."""
+    xp = array_module(hist)
+    valid = ~xp.isnan(hist)
+    S = hist.shape[-1]
+    if S == 0:
+        return xp.full(hist.shape[0], xp.nan, dtype=hist.dtype)
+    idx = S - 1 - xp.argmax(valid[:, ::-1], axis=-1)
+    val = xp.take_along_axis(hist, idx[:, None], axis=-1)[:, 0]
+    return xp.where(valid.any(axis=-1), val, hist.dtype.type(np.nan))
 
 
 def _span_slots(span_s: int, slot_s: int, S: int) -> int:
@@ -380,7 +393,7 @@ def build_features(
     tw = _targets_view(win, xp)
     pf = _profile_features(tw, profile, last_slot, slot_s, xp)
     vm = _vm_features(win, tw, attrs, slot_s, xp, pf)
-    last = vm[:, [VM_FEATURE_NAMES.index(f"{_SHORT[t]}_last") for t in TARGETS]]
+    last = vm[:, [VM_FEATURE_NAMES.index(f"{SHORT_NAMES[t]}_last") for t in TARGETS]]
     hz = _horizon_features(tw, last, profile, last_slot, h, slot_s, xp)
     X = xp.empty((k, H, len(FEATURE_NAMES)), dtype=xp.float32)
     X[:, :, : vm.shape[1]] = vm[:, None, :]

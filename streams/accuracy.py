@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gpu_kernels.accuracy import BUCKETS, METHODS, bucket_index, error_sums, naive_forecasts
+from gpu_kernels.accuracy import METHODS, ErrorTally, bucket_index, error_sums, naive_forecasts
 from gpu_kernels.features import DAY_S, TARGETS, WINDOW_CHANNELS
 from gpu_kernels.xp import to_numpy
 
@@ -83,8 +83,7 @@ class LiveAccuracy:
         self.sample, self.max_vms, self.slot_s = float(sample), int(max_vms), int(slot_s)
         self.season = max(1, DAY_S // self.slot_s)
         self.sink, self.tracked_cb, self.idle_s, self.clock = sink, tracked, float(idle_s), clock
-        self.sums = np.zeros((_T, len(BUCKETS), _M), dtype=np.float64)
-        self.counts = np.zeros((_T, len(BUCKETS)), dtype=np.int64)
+        self.tally = ErrorTally()  # every pair realised so far
         self.horizons: np.ndarray | None = None
         self._errors_logged = 0.0
         self._reset(np.zeros(0, dtype=np.int64))
@@ -133,7 +132,7 @@ class LiveAccuracy:
         return len(self.slot_of)
 
     def _report_tracked(self) -> None:
-        if getattr(self, "tracked_cb", None) is not None:
+        if self.tracked_cb is not None:
             self.tracked_cb(len(self.slot_of))
 
     def _grow(self) -> bool:
@@ -237,8 +236,7 @@ class LiveAccuracy:
         sums, counts = error_sums(actual, [f[:, m, :] for m in range(_M)], self.cell_bucket[c])
         self.origin[p[i], c] = -1
         if counts.any():
-            self.sums += sums
-            self.counts += counts
+            self.tally.add(sums, counts)
             if self.sink is not None:
                 self.sink(sums, counts)
 
@@ -257,7 +255,7 @@ class LiveAccuracy:
         self.fc[rows, cells, 2, :] = seas
 
     def totals(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.sums.copy(), self.counts.copy()
+        return self.tally.sums.copy(), self.tally.counts.copy()
 
 
 def _device_index(win: Any, idx: np.ndarray) -> Any:

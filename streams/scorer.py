@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from gpu_kernels.downtime import PrecopyParams, p_ok, precopy_with
-from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, build_features
+from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, build_features, newest_observed
 from gpu_kernels.window import WINDOW_RULES, WindowPolicy, best_window, recommended_window, window_min, window_values
 from gpu_kernels.xp import to_numpy
 from streams.curve import encode_curves
@@ -85,15 +85,6 @@ def per_slot_quantiles(grid: Any, lo: Any, hi: Any, w: Any, xp: Any) -> Any:
     q50 = a[..., 0] * wl + b[..., 0] * wh
     q90 = xp.maximum(a[..., 1], b[..., 1])
     return xp.stack([q50, q90], axis=-1)
-
-
-def _latest_observed(x: Any, xp: Any) -> Any:
-    """Newest non-NaN value along the last axis of ``(k, S)``; NaN when none."""
-    valid = ~xp.isnan(x)
-    S = x.shape[-1]
-    idx = S - 1 - xp.argmax(valid[:, ::-1], axis=-1)
-    val = xp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
-    return xp.where(valid.any(axis=-1), val, xp.float32(np.nan))
 
 
 def forecast_grid(win: Any, attrs: dict[str, Any], model: Any, slot_s: int, xp: Any, device: str) -> Any:
@@ -154,7 +145,7 @@ def score_windows(
     if "mem_used_mb" in attrs:  # the newest sample's memory used (the window store keeps it per row)
         mem = xp.asarray(attrs["mem_used_mb"], dtype=xp.float32)
     else:
-        mem = _latest_observed(win[:, :, _C_MEM], xp)
+        mem = newest_observed(win[:, :, _C_MEM])
     mem = xp.where(xp.isnan(mem), xp.asarray(attrs["mem_total_mb"], dtype=xp.float32), mem)[:, None]
 
     wss = xp.asarray(attrs["wss_mb"], dtype=xp.float32)[:, None] if "wss_mb" in attrs else None

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from gpu_kernels.features import newest_observed
+
 SLOTS_PER_DAY = 288  # 5-minute slots
 
 Baseline = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -27,15 +29,7 @@ def _as_2d(hist: np.ndarray) -> np.ndarray:
 
 def last_valid(hist: np.ndarray) -> np.ndarray:
     """The newest non-NaN value of each row ``(n,)`` (NaN when the row has none)."""
-    hist = _as_2d(hist)
-    valid = ~np.isnan(hist)
-    if hist.shape[1] == 0:
-        return np.full(hist.shape[0], np.nan)
-    back = np.argmax(valid[:, ::-1], axis=1)  # distance from the end to the newest valid slot
-    idx = hist.shape[1] - 1 - back
-    out = hist[np.arange(hist.shape[0]), idx]
-    out[~valid.any(axis=1)] = np.nan
-    return out
+    return newest_observed(_as_2d(hist))
 
 
 def last_value(hist: np.ndarray, horizons: np.ndarray) -> np.ndarray:

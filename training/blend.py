@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, TARGETS, array_module
+from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, SHORT_NAMES, TARGETS, array_module
 
 NAIVE: tuple[str, ...] = ("last", "yday", "prof")
 WEIGHTS: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
@@ -33,7 +33,6 @@ SPREADS: tuple[float, ...] = tuple(np.round(np.geomspace(0.25, 4.0, 41), 3))
 COVERAGE_GOAL = 0.9
 BLOCKS = 200  # row blocks for the standard error of a validation MAE difference (``one_se_choice``)
 _PREFERRED = [NAIVE.index("last"), *(k for k, n in enumerate(NAIVE) if n != "last")]  # simplest first
-_SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def naive_forecasts(X: Any) -> Any:
     out[:, :, NAIVE.index("last")] = nf["last"]
     out[:, :, NAIVE.index("yday")] = nf["seasonal"]
     for j, t in enumerate(TARGETS):
-        prof = X[:, FEATURE_NAMES.index(f"{_SHORT[t]}_prof")]
+        prof = X[:, FEATURE_NAMES.index(f"{SHORT_NAMES[t]}_prof")]
         prof = xp.maximum(xp.expm1(prof), 0) if t in LOG1P_TARGETS else prof
         out[:, j, NAIVE.index("prof")] = xp.where(xp.isnan(prof), nf["last"][:, j], prof)
     return out

@@ -23,11 +23,11 @@ from gpu_kernels.features import (
     LABEL_SCALE_FLOOR,
     LOG1P_TARGETS,
     QUANTILES,
+    SHORT_NAMES,
     TARGETS,
     array_module,
 )
 
-_SHORT = {"cpu_pct": "cpu", "dirty_mbps": "dirty", "net_mbps": "net"}
 
 #: Upper edges (hours) of the horizon bands but the last: (0, 1 h], (1 h, 6 h], (6 h, ...).
 BAND_EDGES_H: tuple[float, ...] = (1.0, 6.0)
@@ -59,7 +59,7 @@ def label_offset(X: Any, target: str) -> Any:
     ``LABEL_BASE``, ``<target>_last``, already on the label scale; NaN -> 0). Trees approximate an
     identity poorly, so learning the change from persistence, not the level, is what lets the model
     compete with the last-value baseline at short horizons (see README "Evaluation and retraining")."""
-    col = X[:, FEATURE_NAMES.index(LABEL_BASE.format(s=_SHORT[target]))]
+    col = X[:, FEATURE_NAMES.index(LABEL_BASE.format(s=SHORT_NAMES[target]))]
     xp = array_module(col)
     return xp.where(xp.isnan(col), 0, col)
 
@@ -71,7 +71,7 @@ def label_scale(X: Any, target: str) -> Any:
     xp = array_module(X)
     if LABEL_SCALE is None:
         return xp.ones(X.shape[0], dtype=xp.float32)
-    short = _SHORT[target]
+    short = SHORT_NAMES[target]
     col = X[:, FEATURE_NAMES.index(LABEL_SCALE.format(s=short))]
     floor = xp.float32(LABEL_SCALE_FLOOR[short])
     return xp.where(xp.isnan(col), floor, xp.maximum(col, floor))

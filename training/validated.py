@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from gpu_kernels.accuracy import BUCKET_NAMES, bucket_index
 from gpu_kernels.features import DAY_S, TARGETS
 from training.blend import NAIVE, Blend, fit_blend
 from training.dataset import Panel, panel_examples, sample_origins
-from training.evaluate import BUCKETS, BacktestConfig, Progress, _noop, fit_model
+from training.evaluate import BacktestConfig, Progress, _noop, fit_model
 from training.fit import BAND_EDGES_H
 
 #: Share of the training range the validation folds cover together (at least two horizons' worth).
@@ -195,8 +196,9 @@ def _bucket_table(per_h: dict[str, list[dict[str, Any]]], slot_s: int) -> dict[s
     out: dict[str, dict[str, dict[str, float]]] = {}
     for t in TARGETS:
         out[t] = {}
-        for b, (lo, hi) in BUCKETS.items():
-            rows = [r for r in per_h[t] if lo < r["h"] * slot_s <= hi]
+        bucket = bucket_index(np.asarray([r["h"] for r in per_h[t]], dtype=np.int64) * slot_s)
+        for i, b in enumerate(BUCKET_NAMES):
+            rows = [r for r, k in zip(per_h[t], bucket) if k == i]
             if rows:
                 out[t][b] = {m: float(np.mean([r[m] for r in rows])) for m in ("model", "served", *NAIVE)}
     return out

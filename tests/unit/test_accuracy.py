@@ -153,7 +153,7 @@ def test_another_horizon_grid_drops_pending_forecasts_and_errors_never_escape(mo
     assert (tracker.origin >= 0).sum() == 2 * 5
     tracker.observe(["a", "b"], [0, 1], [11, 11], win, np.ones((2, 2, 3, 2), np.float32), [1, 12])
     assert tracker.horizons.tolist() == [1, 12] and (tracker.origin >= 0).sum() == 2 * 2
-    assert tracker.counts.sum() == 0
+    assert tracker.tally.counts.sum() == 0
     tracker.observe(["a", "b"], [0, 1], [12, 12], win[:1], "not an array", [1, 12])  # logged, not raised
 
 
