@@ -8,7 +8,7 @@ from typing import Any
 
 from streams.curve import Curve, decode_curve
 from streams.redis_keys import RedisKeys
-from streams.sinks.redis_sink import decode_hash, top
+from streams.sinks.redis_sink import decode_hash, reply_text, top
 
 # the VM score object of the API (the hash's fields, in this order)
 SCORE_FIELDS = (
@@ -24,10 +24,6 @@ def score_object(row: dict[str, Any]) -> dict[str, Any]:
         value = row.get(name)
         out[name] = None if isinstance(value, float) and not math.isfinite(value) else value
     return out
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class ScoreReads:
@@ -71,7 +67,7 @@ class ScoreReads:
 
     async def hosts(self) -> list[dict[str, Any]]:
         """Every host with scored VMs and how many (``<prefix>hosts``; an expired host set reads 0 and is left out)."""
-        names = sorted(_text(h) for h in await self.client.smembers(self.keys.hosts))
+        names = sorted(reply_text(h) for h in await self.client.smembers(self.keys.hosts))
         if not names:
             return []
         pipe = self.client.pipeline(transaction=False)

@@ -41,10 +41,8 @@ from typing import Any
 import numpy as np
 from redis.exceptions import NoScriptError
 
-from app.settings import Settings
-from streams.redis_keys import RedisKeys
 from streams.scores import ScoreBatch
-from streams.sinks.redis_sink import _ENCODE, _PACKED, CHUNK_VMS, CHUNKS_PER_PIPELINE, RedisSink, WriteResult, _chunks
+from streams.sinks.redis_sink import _ENCODE, _PACKED, CHUNKS_PER_PIPELINE, RedisSink, WriteResult, _chunks, reply_text
 
 # KEYS: the VM's hash, its curve. ARGV: model, updated, ONE JSON array of the VM's _PACKED strings, ttl[, curve].
 _VM_WRITE_LUA = """
@@ -140,14 +138,8 @@ _MARKER_TAG_SEARCH = 20_000  # tags tried for one slot per primary (~N ln N for 
 class ClusterRedisSink(RedisSink):
     """``RedisSink`` for a ``RedisCluster`` client; see the module docstring for the two steps and their guarantees."""
 
-    def __init__(self, settings: Settings, client: Any, *, chunk_vms: int = CHUNK_VMS) -> None:
-        if chunk_vms < 1:
-            raise ValueError("chunk_vms must be >= 1")
-        self.prefix = settings.redis_prefix
-        self.keys = RedisKeys(self.prefix, cluster=True)
-        self.client = client
-        self.chunk_vms = chunk_vms
-        self.ttl_s = int(settings.redis_ttl_s)
+    def _prepare_scripts(self) -> None:
+        """Scripts with declared KEYS, called by sha (loaded on every primary on first use, ``_pipeline``)."""
         self._sha = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
         self._loaded = False
         self._markers: tuple[tuple[str, ...], list[str]] | None = None  # (primaries, one tag per primary)
@@ -285,17 +277,13 @@ class ClusterRedisSink(RedisSink):
         k = self.keys
         removed = 0
         async for chunk in _chunks(self.client.hscan_iter(k.vms, count=count), count):
-            pairs = [(_text(vm), _text(rec).split(" ", 1)[0]) for vm, rec in chunk]
+            pairs = [(reply_text(vm), reply_text(rec).split(" ", 1)[0]) for vm, rec in chunk]
             alive = await self._pipeline(lambda pipe, p=pairs: [pipe.exists(k.vm(vm)) for vm, _ in p])
             removed += await self._unindex([pair for pair, a in zip(pairs, alive) if not int(a)])
         async for chunk in _chunks(self.client.sscan_iter(k.hosts, count=count), count):
-            hosts = [_text(h) for h in chunk]
+            hosts = [reply_text(h) for h in chunk]
             exists = await self._pipeline(lambda pipe, hs=hosts: [pipe.exists(k.host(h)) for h in hs])
             gone = [h for h, e in zip(hosts, exists) if not int(e)]
             if gone:
                 await self.client.srem(k.hosts, *gone)
         return removed
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

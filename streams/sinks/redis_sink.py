@@ -174,6 +174,11 @@ def _strings(a: np.ndarray) -> list[str]:
 _ENCODE = msgspec.json.Encoder().encode
 
 
+def reply_text(value: Any) -> str:
+    """A Redis reply (bytes, the clients here do not decode) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class RedisSink:
     """Writes ``ScoreBatch`` rows to Redis atomically per VM, never letting an older sample win.
 
@@ -191,13 +196,17 @@ class RedisSink:
         if chunk_vms < 1:
             raise ValueError("chunk_vms must be >= 1")
         self.prefix = settings.redis_prefix
-        self.keys = RedisKeys(self.prefix)
+        self.keys = RedisKeys.for_client(client, self.prefix)
         self.client = client
         self.chunk_vms = chunk_vms
         self.ttl_s = int(settings.redis_ttl_s)
-        self._script = client.register_script(_WRITE_LUA)
-        self._forget = client.register_script(_FORGET_LUA)
-        self._prune = client.register_script(_PRUNE_LUA)
+        self._prepare_scripts()
+
+    def _prepare_scripts(self) -> None:
+        """The Lua this layout runs (single node: prefix-built keys, registered on the client)."""
+        self._script = self.client.register_script(_WRITE_LUA)
+        self._forget = self.client.register_script(_FORGET_LUA)
+        self._prune = self.client.register_script(_PRUNE_LUA)
 
     def _argv(self, batch: ScoreBatch, lo: int, hi: int, cols: dict[str, list[Any]]) -> list[Any]:
         flat: list[Any] = [None] * (PER_VM * (hi - lo))
