@@ -52,6 +52,7 @@ import numpy as np
 
 from app.settings import Settings
 from app.worker_process import WorkerProcess
+from bench.machine import cpu_model
 from sim.fleet import FIELDS, series
 from sim.produce import encode_rows, producer_kwargs, send_records
 
@@ -382,16 +383,6 @@ def host_cpu_jiffies() -> tuple[int, int]:
         return 0, 0
     total = sum(parts[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
     return total - parts[3] - parts[4], total
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _service_pids(settings: Settings) -> dict[str, int | None]:

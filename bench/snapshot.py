@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from app.settings import Settings
+from bench.machine import cpu_model
 from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, slots_per_day
 from streams.pipeline import PartitionState, Pipeline
 from streams.recovery import SnapshotStore
@@ -188,13 +189,7 @@ class SnapshotBench:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
 
 
 async def _one(p: Pipeline, store: WindowStore, path: str) -> SnapshotRun:

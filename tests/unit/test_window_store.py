@@ -189,6 +189,14 @@ def _fixture_store(seed: int, released: str) -> WindowStore:
     return store
 
 
+def _load_fixture_snapshot(tmp_path, name: str):  # noqa: ANN001, ANN202
+    """Partition 0's snapshot of group ``g``, topic ``t``, as the committed file ``data/<name>``."""
+    target = tmp_path / "g" / "t" / "p0000.npz"
+    target.parent.mkdir(parents=True)
+    shutil.copy(DATA / name, target)
+    return SnapshotStore(str(tmp_path), "g", "t").load(0)
+
+
 def v1_fixture_store() -> tuple[WindowStore, list[str]]:
     """The store in ``data/window_snapshot_v1.npz``, and the pending VMs saved with it.
 
@@ -202,10 +210,7 @@ def v1_fixture_store() -> tuple[WindowStore, list[str]]:
 
 def test_a_version_1_snapshot_of_the_previous_release_still_restores_exactly(tmp_path):
     """A worker upgraded in place resumes from the snapshot its previous version wrote."""
-    target = tmp_path / "g" / "t" / "p0000.npz"
-    target.parent.mkdir(parents=True)
-    shutil.copy(DATA / "window_snapshot_v1.npz", target)
-    snap = SnapshotStore(str(tmp_path), "g", "t").load(0)
+    snap = _load_fixture_snapshot(tmp_path, "window_snapshot_v1.npz")
     assert snap is not None and snap.next_offset == 42 and snap.last_record_crc == 1234
     assert int(snap.arrays["config"][0]) == 1 and snap.arrays["counts"].dtype == np.int32  # really the old format
     back = WindowStore.restore(snap.arrays)
@@ -229,10 +234,7 @@ def v2_fixture_store() -> tuple[WindowStore, list[str]]:
 
 
 def test_a_version_2_snapshot_restores_exactly_with_an_empty_profile(tmp_path):
-    target = tmp_path / "g" / "t" / "p0000.npz"
-    target.parent.mkdir(parents=True)
-    shutil.copy(DATA / "window_snapshot_v2.npz", target)
-    snap = SnapshotStore(str(tmp_path), "g", "t").load(0)
+    snap = _load_fixture_snapshot(tmp_path, "window_snapshot_v2.npz")
     assert snap is not None and snap.next_offset == 43 and snap.last_record_crc == 4321
     assert int(snap.arrays["config"][0]) == 2 and "profile" not in snap.arrays and snap.arrays["counts"].dtype == np.uint8
     back = WindowStore.restore(snap.arrays)
