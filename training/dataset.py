@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -135,14 +136,26 @@ def grids_from_trace(fmt: str, path: str, vms: str | None = None, slot_s: int = 
 # --- Parquet history archive ---------------------------------------------------------
 
 
-def read_history(url: str, since_ts: float | None = None) -> pd.DataFrame:
-    """The worker's Parquet archive (hive ``date=/hour=``) as one pandas frame, oldest first."""
+def _archive_root(url: str) -> tuple[Any, str]:
+    """``(filesystem, root)`` of a history archive that holds Parquet files; FileNotFoundError otherwise.
+
+    Why the second check: a worker writes its offset marks (``_offsets/``) into the archive as
+    soon as it takes a partition, so an archive can exist before its first flush."""
     import fsspec
-    import pyarrow.dataset as ds
 
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.exists(root):
         raise FileNotFoundError(f"history archive {url!r} does not exist")
+    if not fs.glob(f"{root.rstrip('/')}/date=*/hour=*/*.parquet"):
+        raise FileNotFoundError(f"history archive {url!r} holds no Parquet file yet (workers flush every ZHUGE_HISTORY_FLUSH_S)")
+    return fs, root
+
+
+def read_history(url: str, since_ts: float | None = None) -> pd.DataFrame:
+    """The worker's Parquet archive (hive ``date=/hour=``) as one pandas frame, oldest first."""
+    import pyarrow.dataset as ds
+
+    fs, root = _archive_root(url)
     dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
     flt = ds.field("ts") >= since_ts if since_ts is not None else None
     table = dataset.to_table(filter=flt)
@@ -169,6 +182,7 @@ def grid_tasks_from_history(url: str, slot_s: int = 300, n_groups: int = 8) -> l
     import dask
     import dask.dataframe as dd
 
+    _archive_root(url)
     ddf = dd.read_parquet(url)
     keep = [c for c in ddf.columns if c not in ("date", "hour")]
     ddf = ddf[keep]

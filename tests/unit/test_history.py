@@ -271,3 +271,15 @@ def test_a_mark_is_written_only_with_its_rows(tmp_path: Path, monkeypatch: pytes
     monkeypatch.undo()
     sink.flush()
     assert sink.archived_until(0) == 3
+
+
+def test_an_archive_holding_only_offset_marks_is_a_clear_error_for_its_readers(tmp_path: Path):
+    """A worker marks a partition as soon as it takes it, before its first flush."""
+    from training.dataset import grid_tasks_from_history, read_history
+
+    HistorySink(str(tmp_path), metrics=METRICS, marks="vm.metrics").mark_start(0, 0)
+    for read in (read_history, grid_tasks_from_history):
+        with pytest.raises(FileNotFoundError, match="no Parquet file yet"):
+            read(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_history(str(tmp_path / "nowhere"))
