@@ -59,6 +59,10 @@ class BacktestResult:
     abs_err_by_h: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (H,) cpu MAE
     horizons_h: np.ndarray = field(default_factory=lambda: np.zeros(0))
     examples: list[dict[str, Any]] = field(default_factory=list)  # a few forecasts for plots
+    # paired per origin with a best window (inf: the chosen window's cost is unknown): method -> (n,) ms,
+    # and each row's VM index and origin slot, (n, 2); what ``training.validated`` compares blends on
+    regret_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    regret_at: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
 
 
 def _noop(phase: str, frac: float) -> None:
@@ -193,6 +197,7 @@ def backtest(
     cov_hit = np.zeros((len(TARGETS), H))
     cov_n = np.zeros((len(TARGETS), H))
     regrets: dict[str, list[np.ndarray]] = {"model": [], "now": [], "seasonal": []}
+    regret_at: list[np.ndarray] = []
     examples: list[dict[str, Any]] = []
     n_rows = 0
     chunk = max(1, 4096 // max(1, origins.size))
@@ -253,7 +258,7 @@ def backtest(
         dt_a, dur_a = downtime_curve(dirty_a, net_a, mem, settings)
         costs = window_costs(dt_a, dur_a)
         good = np.isfinite(costs).any(axis=1)
-        out = score_windows(win, attrs, np.zeros(n, np.float32), model, params, Hs, slot_s, np, "cpu")
+        out = score_windows(win, attrs, np.zeros(n, np.float32), model, params, Hs, slot_s, np, "cpu", pred=pred)
         # the strict minimum, like the seasonal choice below: forecast quality, not the scheduler tolerance
         start_model = np.round(out["min_start"] / slot_s).astype(np.int64) - attrs["last_slot"] - 1
         start_model = np.clip(start_model, 0, Hs - 1)
@@ -264,8 +269,8 @@ def backtest(
         start_seasonal, _ = best_window(dt_s, dur_s, 1.0, np)
         costs = np.where(np.isfinite(costs), costs, np.nan)
         for name, st in (("model", start_model), ("now", np.zeros(n, np.int64)), ("seasonal", start_seasonal)):
-            r = regret_of(np.nan_to_num(costs, nan=np.inf), st)
-            regrets[name].append(r[good & np.isfinite(r)])
+            regrets[name].append(regret_of(np.nan_to_num(costs[good], nan=np.inf), st[good]))
+        regret_at.append(np.stack([vm_of[good], org[good]], axis=1))
         progress("backtest", (idx[-1] + 1) / len(panel.vms))
 
     def bucket_mean(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
@@ -288,7 +293,8 @@ def backtest(
         for m in methods:
             for b, val in bucket_mean(err_sum[m][j], err_n[j]).items():
                 by_target[target][b][m] = val
-    reg = {k: np.concatenate(v) if v else np.zeros(0) for k, v in regrets.items()}
+    paired = {k: np.concatenate(v) if v else np.zeros(0) for k, v in regrets.items()}
+    reg = {k: v[np.isfinite(v)] for k, v in paired.items()}
     cov = float(cov_hit[t_cpu].sum() / max(1.0, cov_n[t_cpu].sum()))
     summary = {
         "target": "cpu_pct",
@@ -309,7 +315,8 @@ def backtest(
         k: {f"p{q}": float(np.quantile(v, q / 100)) if v.size else float("nan") for q in (50, 90, 99)}
         for k, v in reg.items()
     }
-    return BacktestResult(summary, reg, mae_h, hours / 3600.0, examples)
+    at = np.concatenate(regret_at) if regret_at else np.zeros((0, 2), np.int64)
+    return BacktestResult(summary, reg, mae_h, hours / 3600.0, examples, regret_rows=paired, regret_at=at)
 
 
 def _horizon_label(seconds: float) -> str:

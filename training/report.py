@@ -70,7 +70,7 @@ def validation_table(val: dict[str, Any]) -> str:
         lines += ["| window regret over the validation folds, ms | forecast | now | seasonal choice | origins |", "| --- " * 5 + "|"]
         lines += [f"| {name} | {_fmt(r['model'])} | {_fmt(r['now'])} | {_fmt(r['seasonal'])} | {int(r['origins'])} |"
                   for name, r in val["regret_ms"].items()]  # fmt: skip
-        lines.append("")
+        lines += ["", f"served: {val['window_choice']}", ""] if "window_choice" in val else [""]
     return "\n".join(lines)
 
 

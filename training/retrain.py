@@ -281,7 +281,10 @@ def retrain_once(
     except ValueError:
         log.warning("history too short for a validation split before the held-out day: serving the boosters without a blend")
     else:
-        blend, _ = choose_blend(panel, plan, settings, fit_before, seed=cfg.seed)
+        blend, val = choose_blend(panel, plan, settings, fit_before, seed=cfg.seed)
+        log.info("blend chosen on %d validation rows from %d days: %s (window regret on the folds, ms: %s)",
+                 val["rows"], val["days"], val["window_choice"],
+                 ", ".join(f"{name} {r['model']:.2f}" for name, r in val["regret_ms"].items()))  # fmt: skip
     boosters = fit(X, Y)
     t["fit_s"] = time.perf_counter() - tic
     first = panel.first_slot * settings.slot_s

@@ -124,3 +124,34 @@ def test_a_gain_that_holds_on_some_days_only_goes_to_the_naive_forecast() -> Non
     assert one_se_choice(rows_err, [vm, day]) == 0  # across days it does not hold
     steady = naive - 0.1 + rng.normal(0, 0.05, day.size)
     assert one_se_choice(np.stack([naive, steady]), [vm, day]) == 1
+
+
+def test_lean_model_takes_the_largest_weight_mae_admits_and_the_default_the_smallest() -> None:
+    """A model a little better than yesterday's value: many weights are within noise of the best on
+    MAE, so which end is served is a choice MAE cannot make (``training.validated`` makes it on
+    window regret). Neither end is worse than the naive forecast alone."""
+    X, Y = rows(20_000, 8)
+    rng = np.random.default_rng(9)
+    yday = naive_forecasts(X)[:, :, NAIVE.index("yday")]
+    q = np.empty((X.shape[0], len(TARGETS), 2), np.float32)
+    q[:, :, 0] = yday + 0.05 * (Y - yday) + rng.normal(0, 0.2, Y.shape)
+    q[:, :, 1] = q[:, :, 0] + 1.0
+    near, r_near = fit_blend(q, X, Y, HORIZONS, SLOT, BAND_EDGES_H)
+    lean, r_lean = fit_blend(q, X, Y, HORIZONS, SLOT, BAND_EDGES_H, lean_model=("dirty_mbps",))
+    assert near.weight["cpu_pct"] == lean.weight["cpu_pct"] and near.naive == lean.naive
+    w_near, w_lean = np.asarray(near.weight["dirty_mbps"]), np.asarray(lean.weight["dirty_mbps"])
+    assert (w_lean >= w_near).all() and (w_lean > w_near).sum() >= 4, (w_near, w_lean)
+    for a, b in zip(r_near["dirty_mbps"], r_lean["dirty_mbps"]):
+        assert abs(a["served"] - b["served"]) < 0.02 * a["served"] and b["served"] <= b["yday"]
+
+
+def test_lean_model_never_takes_a_weight_worse_than_the_naive_forecast_alone() -> None:
+    """Yesterday's value plus noise: however wide the standard error, the naive forecast is served."""
+    X, Y = rows(20_000, 10)
+    rng = np.random.default_rng(11)
+    q = np.empty((X.shape[0], len(TARGETS), 2), np.float32)
+    q[:, :, 0] = naive_forecasts(X)[:, :, NAIVE.index("yday")] + rng.normal(0, 0.1, Y.shape)
+    q[:, :, 1] = q[:, :, 0] + 1.0
+    lean, report = fit_blend(q, X, Y, HORIZONS, SLOT, BAND_EDGES_H, lean_model=TARGETS)
+    for t in TARGETS:  # without the cap, weights up to 1 are within one standard error here
+        assert all(r["served"] <= min(r[n] for n in NAIVE) + 1e-9 for r in report[t]), lean.weight[t]

@@ -11,7 +11,7 @@ from app.settings import Settings
 from training.dataset import Panel
 from training.evaluate import BacktestConfig
 from training.protocol import Protocol, parse_days, run_protocol, train_range, validate_only
-from training.validated import validation_plan
+from training.validated import CANDIDATES, validation_plan
 
 SETTINGS = Settings.from_env({})
 CFG = BacktestConfig(n_estimators=4, max_depth=2, max_train_rows=5000, train_origin_every=24, test_origin_every=48, nthread=1)
@@ -100,10 +100,33 @@ def test_validation_only_reads_nothing_after_the_training_range() -> None:
     a = validate_only(panel, SETTINGS, CFG, Protocol("holdout"))
     b = validate_only(poisoned, SETTINGS, CFG, Protocol("holdout"))
     assert a["mae"] == b["mae"] and a["blend"] == b["blend"]
-    # the window regret of the served blend and of its alternatives, on the validation folds alone
-    assert set(a["regret_ms"]) == {"served", "dirty rate from the boosters", "boosters alone"}
+    # the window regret of the candidate blends and of the boosters alone, on the validation folds alone
+    assert set(a["regret_ms"]) == {*CANDIDATES, "boosters alone"} and a["window_choice"] in CANDIDATES
     assert a["regret_ms"] == b["regret_ms"] and all(r["origins"] > 0 for r in a["regret_ms"].values())
     from training.report import validation_table
 
     text = validation_table(a)
-    assert "validation folds" in text and "| dirty rate from the boosters |" in text
+    assert "validation folds" in text and "| boosters alone |" in text and f"served: {a['window_choice']}" in text
+
+
+@pytest.mark.parametrize("shape_gain_ms, served", [(0.0, "nearest naive"), (5.0, "model shape for windows")])
+def test_the_blend_with_clearly_better_windows_on_the_folds_is_served(monkeypatch, shape_gain_ms, served) -> None:
+    """Ties (and gains within noise) go to the blend nearest the naive forecasts."""
+    import training.validated as validated
+    from training.evaluate import fit_model
+
+    panel = daily_panel(4, 8)
+    plan = validation_plan(0, 6 * DAY, SETTINGS.horizon_slots, SETTINGS.window_slots)
+    real = validated.fold_regret
+
+    def fold_regret(panel, plan, models, blends, settings, progress=None):  # the real one, then one blend made better
+        out = real(panel, plan, models, blends, settings)
+        rng = np.random.default_rng(0)
+        base = rng.uniform(1, 20, out.at.shape[0])
+        rows = {name: base + rng.normal(0, 0.1, base.size) for name in blends}
+        rows["model shape for windows"] -= shape_gain_ms
+        return validated.FoldRegret(rows, out.at, out.summary)
+
+    monkeypatch.setattr(validated, "fold_regret", fold_regret)
+    blend, report = validated.choose_blend(panel, plan, SETTINGS, lambda slot: fit_model(panel, slot, SETTINGS, CFG))
+    assert report["window_choice"] == served and report["blend"] == blend.as_dict()
