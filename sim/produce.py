@@ -87,23 +87,41 @@ class Sender:
 
     Awaiting every small batch would cost a linger period each (a replay sends
     thousands of tiny buckets), so deliveries are awaited every ``max_pending``
-    records and at ``flush``; a delivery error surfaces there.
+    records and at ``flush``. Records that failed (the broker away, a leader moving)
+    are sent again there by ``streams.sinks.kafka_out.send_all``, with capped back-off
+    and a warning per round, until Kafka acknowledges them: an outage holds the
+    producer back and loses nothing, as for the worker and the agent.
     """
 
     def __init__(self, producer: Any, topic: str, max_pending: int = 20_000) -> None:
         self.producer, self.topic, self.max_pending = producer, topic, max_pending
-        self._pending: list[asyncio.Future[Any]] = []
+        self._pending: list[tuple[Record, asyncio.Future[Any] | None]] = []
 
     async def send(self, records: Sequence[Record]) -> None:
         for key, value in records:
-            self._pending.append(await self.producer.send(self.topic, value, key=key))
+            try:
+                future = await self.producer.send(self.topic, value, key=key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # buffer full or no metadata (the broker away): sent again at flush
+                future = None
+            self._pending.append(((key, value), future))
             if len(self._pending) >= self.max_pending:
                 await self.flush()
 
     async def flush(self) -> None:
+        from streams.sinks.kafka_out import OutRecord, send_all
+
         pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        sent = [(rec, f) for rec, f in pending if f is not None]
+        outcomes = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+        failed = [rec for rec, f in pending if f is None]
+        failed += [rec for (rec, _), outcome in zip(sent, outcomes) if isinstance(outcome, BaseException)]
+        if failed:
+            await send_all(self.producer, [OutRecord(self.topic, key, value, output="metrics") for key, value in failed])
 
 
 async def send_records(producer: Any, topic: str, records: Sequence[Record], chunk: int = 20_000) -> None:

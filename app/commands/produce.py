@@ -39,11 +39,23 @@ def parse_duration(text: str) -> float:
 
 
 def _run(coro_factory, live_line) -> object:  # noqa: ANN001
-    """Run the coroutine under a rich live line; Ctrl-C cancels it cleanly (producer flushed)."""
+    """Run the coroutine under a rich live line; Ctrl-C cancels it cleanly (producer flushed).
+
+    Warnings (the broker away: "... sending them again") print above the live line, each kind of
+    client error once per 30 s (``app.logs.quiet_repeats``), so an outage shows and scrolls slowly.
+    """
+    import logging
+
     from rich.console import Console
     from rich.live import Live
+    from rich.logging import RichHandler
+
+    from app.logs import quiet_repeats
 
     console = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])  # fmt: skip
+    quiet_repeats()
     last: list[object] = [None]
 
     def show(p: object) -> None:

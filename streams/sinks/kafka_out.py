@@ -32,7 +32,7 @@ class OutRecord:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
-    output: str = "scores"  # metric label: "scores" or "dlq"
+    output: str = "scores"  # metric and log label: "scores", "dlq", "metrics", "migrations"
 
 
 def _never_deliverable(exc: BaseException) -> bool:

@@ -208,3 +208,41 @@ def test_sigterm_with_the_broker_down_exits_within_the_bound(
     assert took <= settings.shutdown_timeout_s + 1.0
     assert worker.proc.returncode == 0
     assert "stopping: offsets committed where possible, windows snapshotted" in worker.tail(400)
+
+
+def test_the_broker_stopped_45_s_under_a_realtime_simulator_holds_it_back_and_every_sample_lands(
+    fault_stack: FaultStack, fault_settings: Settings, tmp_path: Path
+) -> None:
+    """What a user sees who runs ``zhuge simulate --realtime`` through an outage: warnings, no traceback.
+
+    Longer than aiokafka's own retries (its request timeout, 40 s): before, the failed deliveries
+    ended the simulator with a NodeNotReadyError traceback."""
+    vms, steps = 20, 40
+    log_path = tmp_path / "simulate.log"
+    with open(log_path, "wb") as log:
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "simulate", "--realtime", "--period", "1", "--steps", str(steps),
+             "--vms", str(vms), "--hosts", "2", "--per-vm"],
+            env=settings_env(fault_settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            time.sleep(8)
+            fault_stack.stop("kafka")
+            down = time.monotonic()
+            time.sleep(45)
+            assert sim.poll() is None, log_path.read_text()[-2000:]  # still there while the broker is away
+            fault_stack.up("kafka")
+            back = time.monotonic()
+            code = sim.wait(timeout=120)
+            done_after_return = time.monotonic() - back
+        finally:
+            if sim.poll() is None:
+                os.killpg(sim.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    got = asyncio.run(_read_all(fault_settings, fault_settings.topic_metrics, vms * steps, 60))
+    samples = {(json.loads(r.value)["vm"], json.loads(r.value)["ts"]) for r in got}
+    report("simulator-broker-outage-45s", outage_s=round(back - down, 1), done_after_return_s=round(done_after_return, 1),
+           records=len(got), distinct_samples=len(samples))  # fmt: skip
+    assert code == 0 and "Traceback" not in text, text[-3000:]
+    assert ("WARNING" in text or "ERROR" in text) and f"sent {vms * steps:,} samples" in text  # the outage showed
+    assert len(samples) == vms * steps  # every period of every VM, duplicates allowed (at least once)
