@@ -34,7 +34,7 @@ from gpu_kernels.accuracy import BUCKET_NAMES, bucket_index
 from gpu_kernels.features import DAY_S, TARGETS
 from training.blend import NAIVE, Blend, fit_blend, one_se_choice
 from training.dataset import Panel, panel_examples, sample_origins
-from training.evaluate import BacktestConfig, Progress, _noop, fit_model
+from training.evaluate import BacktestConfig, Progress, _noop, backtest, fit_model
 from training.fit import BAND_EDGES_H
 
 #: Share of the training range the validation folds cover together (at least two horizons' worth).
@@ -137,7 +137,7 @@ def choose_blend(
     X, Y, q, vm, origin = (np.concatenate(a) for a in zip(*parts))
     if X.shape[0] == 0:
         raise ValueError("no validation example: the training range is too short")
-    day = (panel.first_slot + origin) * slot_s // DAY_S
+    day = _day_of(panel, origin, slot_s)
     fits = {name: fit_blend(q, X, Y, horizons, slot_s, BAND_EDGES_H, groups={"vm": vm, "day": day}, lean_model=lean)
             for name, lean in CANDIDATES.items()}  # fmt: skip
     progress("validate", 1.0)
@@ -146,12 +146,18 @@ def choose_blend(
     rows = np.stack([regret.rows[name] for name in CANDIDATES])
     paired = np.isfinite(rows).all(axis=0)
     at = regret.at[paired]
-    choice = list(CANDIDATES)[one_se_choice(rows[:, paired], [at[:, 0], (panel.first_slot + at[:, 1]) * slot_s // DAY_S])]
+    pick = one_se_choice(rows[:, paired], [at[:, 0], _day_of(panel, at[:, 1], slot_s)]) if paired.any() else 0
+    choice = list(CANDIDATES)[pick]
     blend, per_h = fits[choice]
     report = {"ranges": plan.as_dict(panel, slot_s), "rows": int(X.shape[0]), "fold_rows": folds,
               "days": int(np.unique(day).size), "mae": _bucket_table(per_h, slot_s), "blend": blend.as_dict(),
               "regret_ms": regret.summary, "window_choice": choice}  # fmt: skip
     return blend, report
+
+
+def _day_of(panel: Panel, slots: np.ndarray, slot_s: int) -> np.ndarray:
+    """The UTC day of each slot index: the clusters of the one-standard-error rule."""
+    return (panel.first_slot + slots) * slot_s // DAY_S
 
 
 @dataclass(frozen=True)
@@ -172,8 +178,6 @@ def fold_regret(
 ) -> FoldRegret:  # fmt: skip
     """Each fold's boosters (``models[k]``, fitted before fold k) with each blend choose windows from
     the fold's origins (every ``REGRET_ORIGIN_EVERY`` slots, whole futures before ``plan.end``)."""
-    from training.evaluate import backtest
-
     cfg = BacktestConfig(test_origin_every=REGRET_ORIGIN_EVERY)
     rows: dict[str, list[np.ndarray]] = {name: [] for name in blends}
     base: dict[str, list[np.ndarray]] = {"now": [], "seasonal": []}
