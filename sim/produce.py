@@ -95,33 +95,39 @@ class Sender:
 
     def __init__(self, producer: Any, topic: str, max_pending: int = 20_000) -> None:
         self.producer, self.topic, self.max_pending = producer, topic, max_pending
-        self._pending: list[tuple[Record, asyncio.Future[Any] | None]] = []
+        self._records: list[Record] = []
+        self._futures: list[asyncio.Future[Any] | None] = []  # None: ``send`` itself raised
 
     async def send(self, records: Sequence[Record]) -> None:
-        for key, value in records:
+        for rec in records:
             try:
-                future = await self.producer.send(self.topic, value, key=key)
+                future = await self.producer.send(self.topic, rec[1], key=rec[0])
             except asyncio.CancelledError:
                 raise
             except Exception:  # buffer full or no metadata (the broker away): sent again at flush
                 future = None
-            self._pending.append(((key, value), future))
-            if len(self._pending) >= self.max_pending:
+            self._records.append(rec)
+            self._futures.append(future)
+            if len(self._futures) >= self.max_pending:
                 await self.flush()
 
     async def flush(self) -> None:
         from streams.sinks.kafka_out import OutRecord, send_all
 
-        pending, self._pending = self._pending, []
-        sent = [(rec, f) for rec, f in pending if f is not None]
-        outcomes = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-        for outcome in outcomes:
+        records, futures = self._records, self._futures
+        self._records, self._futures = [], []
+        outcomes = await asyncio.gather(*(f for f in futures if f is not None), return_exceptions=True)
+        if len(outcomes) == len(futures) and not any(isinstance(o, BaseException) for o in outcomes):
+            return  # the common case: everything acknowledged
+        done = iter(outcomes)
+        failed = []
+        for rec, future in zip(records, futures):
+            outcome = None if future is None else next(done)
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
-        failed = [rec for rec, f in pending if f is None]
-        failed += [rec for (rec, _), outcome in zip(sent, outcomes) if isinstance(outcome, BaseException)]
-        if failed:
-            await send_all(self.producer, [OutRecord(self.topic, key, value, output="metrics") for key, value in failed])
+            if future is None or isinstance(outcome, BaseException):
+                failed.append(rec)
+        await send_all(self.producer, [OutRecord(self.topic, key, value, output="metrics") for key, value in failed])
 
 
 async def send_records(producer: Any, topic: str, records: Sequence[Record], chunk: int = 20_000) -> None:
