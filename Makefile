@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(ZHUGE) demo
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -m "not gpu" tests
+	$(PYTHON) -m pytest -q -m "not gpu" --durations=15 tests
 
 test-unit: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not gpu and not integration" tests
