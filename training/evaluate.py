@@ -55,14 +55,23 @@ class BacktestConfig(TrainingKnobs):
 @dataclass
 class BacktestResult:
     summary: dict[str, Any]
-    regret: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (n_origins,) ms
-    abs_err_by_h: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (H,) cpu MAE
-    horizons_h: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    examples: list[dict[str, Any]] = field(default_factory=list)  # a few forecasts for plots
     # paired per origin with a best window (inf: the chosen window's cost is unknown): method -> (n,) ms,
     # and each row's VM index and origin slot, (n, 2); what ``training.validated`` compares blends on
     regret_rows: dict[str, np.ndarray] = field(default_factory=dict)
     regret_at: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    abs_err_by_h: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (H,) cpu MAE
+    horizons_h: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    examples: list[dict[str, Any]] = field(default_factory=list)  # a few forecasts for plots
+
+    @property
+    def regret(self) -> dict[str, np.ndarray]:
+        """Method -> (n_origins,) ms: the origins whose chosen window has a known cost."""
+        return known_regret(self.regret_rows)
+
+
+def known_regret(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per method, the regrets whose chosen window has a known cost (finite)."""
+    return {k: v[np.isfinite(v)] for k, v in rows.items()}
 
 
 def _noop(phase: str, frac: float) -> None:
@@ -294,7 +303,7 @@ def backtest(
             for b, val in bucket_mean(err_sum[m][j], err_n[j]).items():
                 by_target[target][b][m] = val
     paired = {k: np.concatenate(v) if v else np.zeros(0) for k, v in regrets.items()}
-    reg = {k: v[np.isfinite(v)] for k, v in paired.items()}
+    reg = known_regret(paired)
     cov = float(cov_hit[t_cpu].sum() / max(1.0, cov_n[t_cpu].sum()))
     summary = {
         "target": "cpu_pct",
@@ -316,7 +325,7 @@ def backtest(
         for k, v in reg.items()
     }
     at = np.concatenate(regret_at) if regret_at else np.zeros((0, 2), np.int64)
-    return BacktestResult(summary, reg, mae_h, hours / 3600.0, examples, regret_rows=paired, regret_at=at)
+    return BacktestResult(summary, paired, at, mae_h, hours / 3600.0, examples)
 
 
 def _horizon_label(seconds: float) -> str:

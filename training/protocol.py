@@ -149,7 +149,8 @@ def _rolling(panel: Panel, settings: Any, cfg: BacktestConfig, protocol: Protoco
         results.append(_one("rolling", panel, panel, 0, lo, (lo, hi), settings, cfg, progress))
     first = results[0]
     first.summary = _mean_summaries([r.summary for r in results])
-    first.regret = {k: np.concatenate([r.regret[k] for r in results]) for k in first.regret}
+    first.regret_rows = {k: np.concatenate([r.regret_rows[k] for r in results]) for k in first.regret_rows}
+    first.regret_at = np.concatenate([r.regret_at for r in results])
     first.abs_err_by_h = {m: np.mean([r.abs_err_by_h[m] for r in results], axis=0) for m in first.abs_err_by_h}
     return first
 
