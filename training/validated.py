@@ -184,6 +184,10 @@ def fold_regret(
     at: list[np.ndarray] = []
     for i, (name, blend) in enumerate(blends.items()):
         progress("validation regret", i / len(blends))
+        twin = next((n for n in list(blends)[:i] if blends[n] == blend), None)
+        if twin is not None:  # the same blend (often: both ends of the admissible weights agree): its windows
+            rows[name] = rows[twin]
+            continue
         for (a, b), model in zip(plan.fold_ranges(), models):
             end = min(b + settings.horizon_slots, plan.end)  # origins before b, futures before plan.end
             res = backtest(panel, replace(model, blend=blend), a, settings, cfg, end=end)
