@@ -185,7 +185,7 @@ def fold_regret(
     for i, (name, blend) in enumerate(blends.items()):
         progress("validation regret", i / len(blends))
         twin = next((n for n in list(blends)[:i] if blends[n] == blend), None)
-        if twin is not None:  # the same blend (often: both ends of the admissible weights agree): its windows
+        if twin is not None:  # the same blend (both ends of the admissible weights agree): the same windows
             rows[name] = rows[twin]
             continue
         for (a, b), model in zip(plan.fold_ranges(), models):
