@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gpu_kernels.downtime import PrecopyParams
-from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, slots_per_day
+from gpu_kernels.features import TARGETS, WINDOW_CHANNELS, slots_per_day, week_bucket_slots, week_buckets
 from gpu_kernels.inference import engine_name
 from gpu_kernels.xp import get_xp, resolve_device, to_numpy
 
@@ -57,7 +57,8 @@ class ScoreBench:
 def synthetic_windows(n: int, slots: int, slot_s: int, xp: Any, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """A fleet's window tensor ``(n, slots, C)`` on ``xp``'s device: diurnal load, noise, 2% gaps;
     ``attrs["profile"]`` is each VM's daily profile (its noiseless diurnal curve), as a store that
-    has held the VM for over a day has it."""
+    has held the VM for over a day has it, and ``attrs["week"]`` its weekly profile (the same curve
+    at the start of each hour of the week, as after a week)."""
     rs = xp.random.RandomState(seed)
     f32 = xp.float32
     last_slot = 1_700_006_400 // slot_s + 288
@@ -84,6 +85,7 @@ def synthetic_windows(n: int, slots: int, slot_s: int, xp: Any, seed: int = 0) -
         "mem_total_mb": mem_total,
         "vcpus": vcpus,
         "profile": profile,
+        "week": profile[:, (xp.arange(week_buckets(slot_s)) * week_bucket_slots(slot_s)) % P],
     }
     return win, attrs
 

@@ -6,7 +6,8 @@ x ``window_slots`` slots of realistic slot sums and counts: a diurnal CPU load a
 memory, 5 samples per slot (one a minute) with some missed, 2 % of the slots
 empty (NaN gaps) and 10 % of the VMs without network figures; each VM's daily
 profile is full (VMs held for over a day), its window's slot means perturbed by
-up to 10 % (full-entropy float32, NaN where the slot was empty). The store goes
+up to 10 % (full-entropy float32, NaN where the slot was empty), and so is its
+weekly profile (each hour its time of day's profile value, perturbed). The store goes
 into a ``Pipeline`` as partition 0 and the snapshot is taken the way the worker
 takes it:
 
@@ -102,6 +103,9 @@ def fill_store(n_vms: int, n_slots: int = 288, slot_s: int = 300, ttl_s: float =
             prof = np.empty((k, P, len(TARGETS)), np.float32)
             prof[:, slot_of_pos[newest] % P] = mean * rng.uniform(0.9, 1.1, mean.shape)
             store.profile[r] = prof
+            # the weekly profile: full too, each hour of the week its time of day's value, perturbed
+            tod = (np.arange(store.week_buckets) * store.week_bucket_slots) % P
+            store.week[r] = prof[:, tod] * rng.uniform(0.9, 1.1, (k, tod.size, len(TARGETS))).astype(np.float32)
     store.last_slot[rows] = last_slot
     store.last_ts[rows] = last_slot * slot_s + rng.uniform(0, slot_s, n_vms)
     store.last_seen[rows] = now - rng.uniform(0, 120, n_vms)

@@ -90,12 +90,13 @@ def per_slot_quantiles(grid: Any, lo: Any, hi: Any, w: Any, xp: Any) -> Any:
 def forecast_grid(win: Any, attrs: dict[str, Any], model: Any, slot_s: int, xp: Any, device: str) -> Any:
     """The model's forecast on its horizon grid: ``(k, H, len(TARGETS), 2 quantiles)`` float32.
 
-    ``attrs["profile"]`` (optional): the VMs' daily profiles (``WindowStore.profiles``); absent/None: unknown.
+    ``attrs["profile"]``, ``attrs["week"]`` (optional): the VMs' daily and weekly profiles
+    (``WindowStore.profiles``, ``WindowStore.weeklies``); absent/None: unknown.
     """
     k = win.shape[0]
     last_slot = xp.asarray(attrs["last_slot"], dtype=xp.int64)
     feat_attrs = {name: xp.asarray(attrs[name], dtype=xp.float32) for name in ("mem_total_mb", "vcpus")}
-    X = build_features(win, feat_attrs, last_slot, model.horizons, slot_s, xp, profile=attrs.get("profile"))
+    X = build_features(win, feat_attrs, last_slot, model.horizons, slot_s, xp, profile=attrs.get("profile"), week=attrs.get("week"))
     H = len(model.horizons)
     return xp.asarray(model.predict(X, device=device), dtype=xp.float32).reshape(k, H, len(TARGETS), 2)
 
@@ -255,6 +256,7 @@ class Scorer:
             win = store.window(chunk[stale])  # the full window only where the model runs
             sub_attrs = {name: attrs[name][stale] for name in ("last_slot", "mem_total_mb", "vcpus")}
             sub_attrs["profile"] = store.profiles(chunk[stale])
+            sub_attrs["week"] = store.weeklies(chunk[stale])
             pred = forecast_grid(win, sub_attrs, model, self.settings.slot_s, self.xp, self.device)
             if self.accuracy is not None:  # realised errors of earlier forecasts, then these kept (never raises)
                 self.accuracy.observe(attrs["vm"], stale, sub_attrs["last_slot"], win, pred, model.horizons)

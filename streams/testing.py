@@ -2,7 +2,7 @@
 
 ``ListPartitionLog`` is a ``streams.recovery.PartitionLog`` over a list of
 records: a recreated topic is a new list, retention is ``begin``;
-``store_differences`` compares two window stores bit for bit, daily profiles
+``store_differences`` compares two window stores bit for bit, daily and weekly profiles
 included (a restored snapshot against the store it was taken from).
 """
 
@@ -62,7 +62,7 @@ def store_differences(a: WindowStore, b: WindowStore, chunk: int = 8192) -> list
         x, y = arr[ra], theirs[name][rb]
         if x.dtype != y.dtype or x.tobytes() != y.tobytes():
             diffs.append(name)
-    for name in ("sums", "counts", "profile"):
+    for name in ("sums", "counts", "profile", "week"):
         x, y = getattr(a, name), getattr(b, name)
         if x.dtype != y.dtype:
             diffs.append(name)

@@ -9,7 +9,10 @@ profile: per time-of-day slot ``j = s % P``, the EWMA (``features.folded``,
 weight ``PROFILE_ALPHA`` on the newest) of the target means of the slots with
 that time of day that have *left* the window, folded in slot order when their
 ring position is reused (``update``); training rebuilds the same state from a
-series with ``features.profiles_at``.
+series with ``features.profiles_at``. Likewise ``week (capacity, W, len(TARGETS))`` (W =
+``features.week_buckets``, 168 hours at 5-min slots) holds the weekly profile: per hour of
+the week, the EWMA (weight ``WEEK_ALPHA``) of the hour's target means, folded when the hour's
+first slot leaves the window (``features.weeklies_at`` in training).
 Row metadata (newest slot, newest sample time, when the VM was last heard
 from, memory size, vCPUs, host code, latest network rate, last scoring) stays in
 NumPy on the host: it is small and the VM -> row mapping needs it. ``update`` is
@@ -33,7 +36,16 @@ import numpy as np
 import pandas as pd
 
 from gpu_kernels.downtime import dirty_rate_proxy
-from gpu_kernels.features import PROFILE_ALPHA, TARGETS, WINDOW_CHANNELS, folded, slots_per_day
+from gpu_kernels.features import (
+    PROFILE_ALPHA,
+    TARGETS,
+    WEEK_ALPHA,
+    WINDOW_CHANNELS,
+    folded,
+    slots_per_day,
+    week_bucket_slots,
+    week_buckets,
+)
 from gpu_kernels.xp import to_numpy
 
 from streams.schema import METRICS
@@ -42,10 +54,11 @@ C = len(WINDOW_CHANNELS)
 _M = {name: i for i, name in enumerate(METRICS)}
 _CH = {name: i for i, name in enumerate(WINDOW_CHANNELS)}
 _TARGET_CH = [_CH[t] for t in TARGETS]  # the profile's channels, in TARGETS order
-# 3: plus the daily profile; 2: counts in the smallest unsigned dtype that holds their maximum;
-# 1: counts int32. 1 and 2 still restore (with an empty profile: it refills as slots leave the window).
-SNAPSHOT_VERSION = 3
-RESTORES_VERSIONS = (1, 2, 3)
+# 4: plus the weekly profile; 3: plus the daily profile; 2: counts in the smallest unsigned dtype that
+# holds their maximum; 1: counts int32. 1-3 still restore (the profiles they lack start empty and
+# refill as slots leave the window).
+SNAPSHOT_VERSION = 4
+RESTORES_VERSIONS = (1, 2, 3, 4)
 SNAPSHOT_CHUNK_ROWS = 4096  # rows copied at a time (bounded temporaries; the copying thread yields the GIL between)
 
 
@@ -92,10 +105,12 @@ class WindowStore:
             raise ValueError("need n_slots >= 2, slot_s > 0 and capacity >= 1")
         self.n_slots, self.slot_s, self.ttl_s, self.xp = int(n_slots), int(slot_s), float(ttl_s), xp
         self.slots_per_day = slots_per_day(self.slot_s)
+        self.week_buckets, self.week_bucket_slots = week_buckets(self.slot_s), week_bucket_slots(self.slot_s)
         self.capacity = 0
         self.sums = xp.zeros((0, self.n_slots, C), dtype=xp.float32)
         self.counts = xp.zeros((0, self.n_slots, C), dtype=xp.int32)
         self.profile = xp.full((0, self.slots_per_day, len(TARGETS)), np.nan, dtype=xp.float32)
+        self.week = xp.full((0, self.week_buckets, len(TARGETS)), np.nan, dtype=xp.float32)
         self.last_slot = np.zeros(0, dtype=np.int64)
         self.last_ts = np.zeros(0, dtype=np.float64)
         self.last_seen = np.zeros(0, dtype=np.float64)
@@ -129,8 +144,9 @@ class WindowStore:
         sums = xp.zeros((new_cap, self.n_slots, C), dtype=xp.float32)
         counts = xp.zeros((new_cap, self.n_slots, C), dtype=xp.int32)
         profile = xp.full((new_cap, self.slots_per_day, len(TARGETS)), np.nan, dtype=xp.float32)
-        sums[:old], counts[:old], profile[:old] = self.sums, self.counts, self.profile
-        self.sums, self.counts, self.profile = sums, counts, profile
+        week = xp.full((new_cap, self.week_buckets, len(TARGETS)), np.nan, dtype=xp.float32)
+        sums[:old], counts[:old], profile[:old], week[:old] = self.sums, self.counts, self.profile, self.week
+        self.sums, self.counts, self.profile, self.week = sums, counts, profile, week
         pad = new_cap - old
         self.last_slot = np.concatenate([self.last_slot, np.full(pad, -1, np.int64)])
         self.last_ts = np.concatenate([self.last_ts, np.full(pad, -np.inf)])
@@ -157,6 +173,7 @@ class WindowStore:
         self.sums[r_dev] = 0
         self.counts[r_dev] = 0
         self.profile[r_dev] = np.nan
+        self.week[r_dev] = np.nan
         self.last_slot[rows] = -1
         self.last_ts[rows] = -np.inf
         self.last_seen[rows] = -np.inf
@@ -207,7 +224,7 @@ class WindowStore:
 
         Samples average into their slot; a VM moving to a newer slot clears the
         slots in between (gaps stay NaN), folding the slots that leave the window
-        into the daily profile first (``_fold_leaving``); samples older than the
+        into the daily and weekly profiles first (``_fold_leaving``); samples older than the
         window are dropped and counted in ``dropped_old``. ``seen``: when each sample arrived
         (wall clock, epoch s; one number or one per sample; default now), kept
         per VM as ``last_seen`` for eviction.
@@ -242,6 +259,7 @@ class WindowStore:
             slot_in = np.repeat(old, gap) + 1 + offs  # the slot that takes the position over
             pos = slot_in % S
             self._fold_leaving(rep_rows, pos, slot_in - S, offs)
+            self._fold_weekly(rep_rows, slot_in - S, np.repeat(old, gap))
             r_dev, p_dev = self.xp.asarray(rep_rows), self.xp.asarray(pos)
             self.sums[r_dev, p_dev] = 0
             self.counts[r_dev, p_dev] = 0
@@ -315,18 +333,51 @@ class WindowStore:
             mean = xp.where(c > 0, s / xp.maximum(c, 1).astype(xp.float32), xp.float32(np.nan)).astype(xp.float32)
             self.profile[r_dev, j_dev] = folded(self.profile[r_dev, j_dev], mean, PROFILE_ALPHA, xp)
 
+    def _fold_weekly(self, rows: np.ndarray, slots: np.ndarray, newest: np.ndarray) -> None:
+        """Fold each hour whose first slot is about to leave into the weekly profile: the mean over
+        the hour's first ``min(hour, window)`` slots that the window holds (up to ``newest``, the
+        row's newest slot before this update; later ones were skipped over, so had no sample).
+
+        One entry per leaving slot (row, absolute slot); a run is at most a window long, so
+        under a week: every (row, hour of the week) is written at most once per call.
+        """
+        xp, B, S = self.xp, self.week_bucket_slots, self.n_slots
+        first = slots % B == 0
+        if not first.any():
+            return
+        rows, slots, newest = rows[first], slots[first], newest[first]
+        span = np.arange(min(B, S))
+        cells = slots[:, None] + span[None, :]  # (n, span) absolute slots of the hour
+        held = cells <= newest[:, None]
+        r_dev, p_dev = xp.asarray(np.repeat(rows, span.size)), xp.asarray((cells % S).reshape(-1))
+        s = self.sums[r_dev, p_dev][:, _TARGET_CH].reshape(rows.size, span.size, len(TARGETS))
+        c = self.counts[r_dev, p_dev][:, _TARGET_CH].reshape(rows.size, span.size, len(TARGETS))
+        has = (c > 0) & xp.asarray(held)[:, :, None]
+        slot_mean = xp.where(has, s / xp.maximum(c, 1).astype(xp.float32), xp.float32(0))
+        n = has.sum(axis=1)  # the mean of the slot means, as ``features.bucket_means`` takes it
+        mean = xp.where(n > 0, slot_mean.sum(axis=1) / xp.maximum(n, 1).astype(xp.float32), xp.float32(np.nan))
+        r_dev, b_dev = xp.asarray(rows), xp.asarray((slots // B) % self.week_buckets)
+        self.week[r_dev, b_dev] = folded(self.week[r_dev, b_dev], mean.astype(xp.float32), WEEK_ALPHA, xp)
+
     # ------------------------------------------------------------------ reads
     def windows(self, rows: Any) -> tuple[Any, dict[str, Any]]:
         """Window tensor ``(k, n_slots, C)`` float32 oldest -> newest (NaN gaps) and attributes,
-        with ``attrs["profile"]`` the rows' daily profiles (:meth:`profiles`, on the device)."""
+        with ``attrs["profile"]`` and ``attrs["week"]`` the rows' daily and weekly profiles
+        (:meth:`profiles`, :meth:`weeklies`, on the device)."""
         attrs = self.attrs(rows)
         attrs["profile"] = self.profiles(rows)
+        attrs["week"] = self.weeklies(rows)
         return self.window(rows), attrs
 
     def profiles(self, rows: Any) -> Any:
         """Daily profiles ``(k, slots_per_day, len(TARGETS))`` float32 raw scale (NaN: nothing folded
         yet), indexed by ``absolute slot % slots_per_day``, on the store's device (a copy)."""
         return self.profile[self.xp.asarray(np.asarray(rows, dtype=np.int64))]
+
+    def weeklies(self, rows: Any) -> Any:
+        """Weekly profiles ``(k, week_buckets, len(TARGETS))`` float32 raw scale (NaN: nothing folded
+        yet), indexed by ``(absolute slot // week_bucket_slots) % week_buckets``, on the device (a copy)."""
+        return self.week[self.xp.asarray(np.asarray(rows, dtype=np.int64))]
 
     def window(self, rows: Any) -> Any:
         """Window tensor ``(k, n_slots, C)`` float32 oldest -> newest (NaN gaps), on the store's device."""
@@ -425,12 +476,12 @@ class WindowStore:
         """Bytes held by the store's arrays (device and host)."""
         host = sum(a.nbytes for a in self._host_arrays().values())
         cache = 0 if self.forecast is None else self.forecast.nbytes + self.forecast_slot.nbytes
-        return int(self.sums.nbytes + self.counts.nbytes + self.profile.nbytes + host + cache)
+        return int(self.sums.nbytes + self.counts.nbytes + self.profile.nbytes + self.week.nbytes + host + cache)
 
     @property
     def nbytes_per_vm(self) -> int:
-        """Bytes one row costs (slot sums and counts, the daily profile, metadata)."""
-        per_row_device = self.n_slots * C * (4 + 4) + self.slots_per_day * len(TARGETS) * 4
+        """Bytes one row costs (slot sums and counts, the daily and weekly profiles, metadata)."""
+        per_row_device = self.n_slots * C * (4 + 4) + (self.slots_per_day + self.week_buckets) * len(TARGETS) * 4
         per_row_host = sum(a.itemsize for a in self._host_arrays().values())
         return per_row_device + per_row_host
 
@@ -456,8 +507,8 @@ class WindowStore:
         The copy of 100k VMs takes a few hundred ms: call it in a thread, with the
         store kept still meanwhile (the pipeline holds its lock), never on the event
         loop. ``counts`` come in the smallest unsigned dtype that holds their
-        maximum (uint8 for up to 255 samples per slot), ``sums`` and ``profile``
-        as they are (the file's byte planes shrink a young VM's all-NaN profile to little).
+        maximum (uint8 for up to 255 samples per slot), ``sums``, ``profile`` and ``week``
+        as they are (the file's byte planes shrink a young VM's all-NaN profiles to little).
         """
         rows = self.active_rows()
         n, xp = rows.shape[0], self.xp
@@ -466,6 +517,7 @@ class WindowStore:
         sums = np.empty((n, self.n_slots, C), dtype=np.float32)
         counts = np.empty((n, self.n_slots, C), dtype=np.min_scalar_type(top))
         profile = np.empty((n, self.slots_per_day, len(TARGETS)), dtype=np.float32)
+        week = np.empty((n, self.week_buckets, len(TARGETS)), dtype=np.float32)
         dense = n > 0 and int(rows[-1]) == n - 1  # rows 0..n-1 (sorted, distinct): plain slices
         for lo in range(0, n, SNAPSHOT_CHUNK_ROWS):
             hi = min(n, lo + SNAPSHOT_CHUNK_ROWS)
@@ -473,7 +525,8 @@ class WindowStore:
             sums[lo:hi] = to_numpy(self.sums[pick])
             counts[lo:hi] = to_numpy(self.counts[pick])  # exact: every count is <= top
             profile[lo:hi] = to_numpy(self.profile[pick])
-        out["sums"], out["counts"], out["profile"] = sums, counts, profile
+            week[lo:hi] = to_numpy(self.week[pick])
+        out["sums"], out["counts"], out["profile"], out["week"] = sums, counts, profile, week
         out["vm"] = np.array([self.vm_of_row[r] for r in rows.tolist()], dtype=np.str_)
         out["hosts"] = np.array(self.hosts, dtype=np.str_)
         out["config"] = np.array([SNAPSHOT_VERSION, self.n_slots, self.slot_s, self.ttl_s, self.dropped_old], dtype=np.float64)
@@ -483,7 +536,8 @@ class WindowStore:
     def restore(cls, arrays: dict[str, np.ndarray], xp: Any = np) -> WindowStore:
         """Rebuild a store from :meth:`snapshot` output (e.g. loaded from ``np.load``), of any version in ``RESTORES_VERSIONS``.
 
-        Versions 1 and 2 hold no profile: it starts empty (NaN) and refills as slots leave the window.
+        Versions 1 and 2 hold no profile, 1-3 no weekly profile: what is missing starts empty (NaN)
+        and refills as slots leave the window.
         """
         version, n_slots, slot_s, ttl_s, dropped = np.asarray(arrays["config"]).tolist()
         version = int(version)
@@ -508,12 +562,8 @@ class WindowStore:
             raise ValueError(f"window snapshot arrays of shape {sums.shape}/{counts.shape}, expected {(len(vms), store.n_slots, C)}")
         if counts.dtype.kind not in "ui" or (counts.dtype.kind == "i" and counts.size and int(counts.min()) < 0):
             raise ValueError(f"window snapshot counts must be non-negative integers, got {counts.dtype}")
-        profile = None
-        if version >= 3:
-            profile = np.asarray(arrays["profile"])
-            want = (len(vms), store.slots_per_day, len(TARGETS))
-            if profile.shape != want or profile.dtype.kind != "f":
-                raise ValueError(f"window snapshot profile of shape {profile.shape} ({profile.dtype}), expected {want} float")
+        profile = _profile_array(arrays, "profile", (len(vms), store.slots_per_day, len(TARGETS))) if version >= 3 else None
+        week = _profile_array(arrays, "week", (len(vms), store.week_buckets, len(TARGETS))) if version >= 4 else None
         n = len(vms)  # a fresh store hands out rows 0..n-1 in order
         dense = n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1)
         for lo in range(0, n, SNAPSHOT_CHUNK_ROWS):  # chunks: no whole-store int32/float32 temporaries
@@ -523,7 +573,17 @@ class WindowStore:
             store.counts[pick] = xp.asarray(counts[lo:hi])  # cast to int32 on assignment
             if profile is not None:
                 store.profile[pick] = xp.asarray(profile[lo:hi], dtype=xp.float32)
+            if week is not None:
+                store.week[pick] = xp.asarray(week[lo:hi], dtype=xp.float32)
         return store
+
+
+def _profile_array(arrays: dict[str, np.ndarray], name: str, want: tuple[int, ...]) -> np.ndarray:
+    """A snapshot's daily or weekly profile, checked for shape and a float dtype."""
+    a = np.asarray(arrays[name])
+    if a.shape != want or a.dtype.kind != "f":
+        raise ValueError(f"window snapshot {name} of shape {a.shape} ({a.dtype}), expected {want} float")
+    return a
 
 
 def values_col(values: np.ndarray, name: str) -> np.ndarray:

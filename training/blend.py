@@ -14,7 +14,8 @@ target and horizon band so that its validation coverage is closest to 0.9.
 
 The naive forecasts are read from the feature matrix (one feature module for training and
 serving): ``last`` = ``<s>_last``, ``yday`` = ``<s>_yday`` (the same slot one day earlier),
-``prof`` = ``<s>_prof`` (the daily profile at that slot), each falling back to ``last``.
+``prof`` = ``<s>_prof`` (the daily profile at that slot), ``week`` = ``<s>_week`` (the weekly
+profile at that hour), each falling back to ``last``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, SHORT_NAMES, TARGETS, array_module
 
-NAIVE: tuple[str, ...] = ("last", "yday", "prof")
+NAIVE: tuple[str, ...] = ("last", "yday", "prof", "week")
 WEIGHTS: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 SPREADS: tuple[float, ...] = tuple(np.round(np.geomspace(0.25, 4.0, 41), 3))
 COVERAGE_GOAL = 0.9
@@ -83,9 +84,10 @@ def naive_forecasts(X: Any) -> Any:
     out[:, :, NAIVE.index("last")] = nf["last"]
     out[:, :, NAIVE.index("yday")] = nf["seasonal"]
     for j, t in enumerate(TARGETS):
-        prof = X[:, FEATURE_NAMES.index(f"{SHORT_NAMES[t]}_prof")]
-        prof = xp.maximum(xp.expm1(prof), 0) if t in LOG1P_TARGETS else prof
-        out[:, j, NAIVE.index("prof")] = xp.where(xp.isnan(prof), nf["last"][:, j], prof)
+        for name in ("prof", "week"):
+            v = X[:, FEATURE_NAMES.index(f"{SHORT_NAMES[t]}_{name}")]
+            v = xp.maximum(xp.expm1(v), 0) if t in LOG1P_TARGETS else v
+            out[:, j, NAIVE.index(name)] = xp.where(xp.isnan(v), nf["last"][:, j], v)
     return out
 
 

@@ -174,7 +174,7 @@ def backtest(
     """Score ``model`` and the baselines from origins after ``split`` whose full horizon ends
     before ``end`` (default: the end of the trace; see module doc)."""
     from gpu_kernels.downtime import PrecopyParams
-    from gpu_kernels.features import TARGETS, build_features, profiles_at, windows_at
+    from gpu_kernels.features import TARGETS, build_features, profiles_at, weeklies_at, windows_at
     from gpu_kernels.window import best_window
     from streams.scorer import score_windows
 
@@ -215,18 +215,19 @@ def backtest(
         v = idx.size
         win = windows_at(panel.series[idx], origins, S)  # (v * n_o, S, C), VM-major
         prof = profiles_at(panel.series[idx], panel.first_slot, origins, S, slot_s)
+        week = weeklies_at(panel.series[idx], panel.first_slot, origins, S, slot_s)
         vm_of = np.repeat(idx, origins.size)
         org = np.tile(origins, v)
         alive = ~np.isnan(win[:, -12:, c_cpu]).all(axis=1)  # an observation in the last hour
-        win, prof, vm_of, org = win[alive], prof[alive], vm_of[alive], org[alive]
+        win, prof, week, vm_of, org = win[alive], prof[alive], week[alive], vm_of[alive], org[alive]
         n = win.shape[0]
         if n == 0:
             progress("backtest", idx[-1] / len(panel.vms))
             continue
         n_rows += n
         attrs = {"mem_total_mb": panel.mem_total_mb[vm_of], "vcpus": panel.vcpus[vm_of], "last_slot": org + panel.first_slot,
-                 "profile": prof}  # fmt: skip
-        X = build_features(win, attrs, attrs["last_slot"], horizons, slot_s, np, profile=prof)
+                 "profile": prof, "week": week}  # fmt: skip
+        X = build_features(win, attrs, attrs["last_slot"], horizons, slot_s, np, profile=prof, week=week)
         pred = np.asarray(model.predict(X), dtype=np.float32).reshape(n, H, len(TARGETS), 2)
         actual = panel.series[vm_of[:, None], org[:, None] + horizons[None, :]]  # (n, H, C)
         for j, target in enumerate(TARGETS):

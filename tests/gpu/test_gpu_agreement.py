@@ -120,7 +120,7 @@ def test_window_store_agrees(xp):
 
 
 def test_window_store_profiles_agree(xp):
-    """The daily profile folded on the device equals NumPy's, and survives a snapshot (S > slots per day)."""
+    """The daily and weekly profiles folded on the device equal NumPy's, and survive a snapshot (S > slots per day)."""
     from streams.schema import METRICS
     from streams.window_store import WindowStore
 
@@ -128,7 +128,7 @@ def test_window_store_profiles_agree(xp):
     slot_s, S, V = 3600, 48, 200
     ref, dev = WindowStore(S, slot_s, 1e12, capacity=16), WindowStore(S, slot_s, 1e12, xp=xp, capacity=16)
     names = [f"vm{i}" for i in range(V)]
-    for t in range(6 * 24):  # six days of hourly slots, one batch per slot, 10 % missing, a long silence
+    for t in range(8 * 24):  # eight days of hourly slots, one batch per slot, 10 % missing, a long silence
         on = rng.random(V) > 0.1
         if 60 <= t < 115:
             on[:20] = False
@@ -142,8 +142,12 @@ def test_window_store_profiles_agree(xp):
     p_dev = to_numpy(dev.profiles(dev.rows_of(names)))
     assert np.isfinite(p_ref).mean() > 0.5
     np.testing.assert_allclose(p_dev, p_ref, rtol=1e-5, equal_nan=True)
+    w_ref, w_dev = ref.weeklies(ref.rows_of(names)), to_numpy(dev.weeklies(dev.rows_of(names)))
+    assert np.isfinite(w_ref).mean() > 0.5
+    np.testing.assert_allclose(w_dev, w_ref, rtol=1e-5, equal_nan=True)
     back = WindowStore.restore(dev.snapshot(), xp=xp)
     np.testing.assert_array_equal(to_numpy(back.profiles(back.rows_of(names))), p_dev)
+    np.testing.assert_array_equal(to_numpy(back.weeklies(back.rows_of(names))), w_dev)
 
 
 def test_scorer_agrees_with_a_real_xgboost_model(xp):

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from bench.snapshot import fill_store
 from gpu_kernels.features import WINDOW_CHANNELS
+from streams.window_store import SNAPSHOT_VERSION
 
 
 def test_the_synthetic_store_has_full_windows_with_gaps_and_small_counts():
@@ -34,4 +35,4 @@ def test_cli_runs_both_paths_and_the_restore_is_exact(tmp_path):
     assert all(run["exact"] and run["bytes"] > 0 for run in r["runs"])
     periodic, shutdown = r["runs"]
     assert periodic["bytes"] < shutdown["bytes"]  # deflated where it pays vs stored for a deadline
-    assert set(r["median"]) == {"periodic", "shutdown"} and r["snapshot_version"] == 3
+    assert set(r["median"]) == {"periodic", "shutdown"} and r["snapshot_version"] == SNAPSHOT_VERSION

@@ -15,12 +15,16 @@ from gpu_kernels.features import (
     HORIZON_FEATURE_NAMES,
     PROFILE_ALPHA,
     TARGETS,
+    WEEK_ALPHA,
     VM_FEATURE_NAMES,
     WINDOW_CHANNELS,
     build_features,
     profiles_at,
     slots_per_day,
     training_examples,
+    week_bucket_slots,
+    week_buckets,
+    weeklies_at,
     windows_at,
 )
 
@@ -91,17 +95,22 @@ def test_same_slot_yesterday_is_relative_to_the_target_slot(S: int) -> None:
     X = build_features(win, attrs(1), np.array([123_456]), H, SLOT)
     expected = S - 1 - DAY + H  # window index of (target slot - 1 day)
     np.testing.assert_array_equal(X[:, col("cpu_yday")], expected)
-    # window too short for last week: unknown rather than wrong
-    assert np.isnan(X[:, col("cpu_lastweek")]).all()
+    # no weekly profile given: unknown rather than wrong
+    assert np.isnan(X[:, col("cpu_week")]).all()
 
 
-def test_last_week_when_the_window_allows() -> None:
-    S = 7 * DAY - 3  # a week ago of target slot h sits at window index h - 4
-    win = np.zeros((1, S, 4), np.float32)
-    win[0, :, 0] = np.arange(S)
-    X = build_features(win, attrs(1), np.array([0]), np.array([1, 5, 20]), SLOT)
-    assert np.isnan(X[0, col("cpu_lastweek")])  # before the window's oldest slot
-    assert list(X[1:, col("cpu_lastweek")]) == [1, 16]
+def test_the_week_feature_reads_the_weekly_profile_at_the_target_hour() -> None:
+    W = week_buckets(SLOT)
+    assert (W, week_bucket_slots(SLOT)) == (168, 12)
+    week = np.tile(np.arange(W, dtype=np.float32)[None, :, None], (1, 1, len(TARGETS)))  # bucket b holds b
+    week[0, 5] = np.nan
+    last_slot = 12 * (3 * W + 4) + 10  # the 11th slot of bucket 4, three weeks after bucket 0
+    X = build_features(random_window(1, DAY), attrs(1), np.array([last_slot]), np.array([1, 2, 14, 12 * W]), SLOT, week=week)
+    np.testing.assert_array_equal(X[[0, 2, 3], col("cpu_week")], [4, 6, 4])  # same hour, 2 hours on, a week on
+    assert np.isnan(X[1, col("cpu_week")])  # the next hour (bucket 5) was never folded
+    np.testing.assert_allclose(X[[0, 2], col("dirty_week")], np.log1p([4, 6]), rtol=1e-6)  # on the model's scale
+    with pytest.raises(ValueError, match="week must be"):
+        build_features(random_window(1, DAY), attrs(1), np.array([last_slot]), H, SLOT, week=week[:, :24])
 
 
 def test_yesterday_hour_mean_tolerates_a_missing_exact_slot() -> None:
@@ -169,7 +178,8 @@ def test_training_examples_reuse_the_serving_features() -> None:
     # VM 1, origin 300: same features as serving that VM's window directly
     win = series[1:2, 300 - S + 1 : 301]
     prof = profiles_at(series[1:2], 1_000, np.array([300]), S, SLOT)  # what the window store folded by then
-    direct = build_features(win, attrs(1), np.array([1_300]), h, SLOT, profile=prof)
+    week = weeklies_at(series[1:2], 1_000, np.array([300]), S, SLOT)
+    direct = build_features(win, attrs(1), np.array([1_300]), h, SLOT, profile=prof, week=week)
     row = (3 * 3 - 1) + 3  # VM 0 has 8 kept rows; then VM 1's origin 10 (3 rows)
     np.testing.assert_array_equal(X[row : row + 3], direct)
     np.testing.assert_array_equal(Y[row : row + 3], series[1, 300 + h][:, :3])
@@ -214,6 +224,40 @@ def test_label_offset_is_the_last_value_at_every_horizon() -> None:
     win[0, -3:, WINDOW_CHANNELS.index("cpu_pct")] = [10.0, 30.0, 80.0]
     X = build_features(win, attrs(k), np.arange(k) + 10_000, H, SLOT)
     assert np.all(label_offset(X, "cpu_pct") == 80.0)
+
+
+@pytest.mark.parametrize("S", [DAY, 5])  # a day's window; one shorter than an hour holds the hour's first 5 slots
+def test_weekly_profile_is_the_ewma_of_each_hour_of_the_week_whose_first_slot_left_the_window(S: int) -> None:
+    B, W = week_bucket_slots(SLOT), week_buckets(SLOT)
+    rng = np.random.default_rng(6)
+    T, first = 16 * DAY + 7, 3 * DAY + 30  # two weeks and more, starting mid-hour
+    series = (rng.random((1, T, 4)) * 40).astype(np.float32)
+    series[0, rng.choice(T, 900, replace=False), 0] = np.nan  # gaps are skipped
+    series[0, 12 * 40 : 12 * 41, 0] = np.nan  # a whole hour without a value leaves its bucket as it was
+    origin = T - 1
+    got = weeklies_at(series, first, np.array([origin]), S, SLOT)[0, :, 0]
+    expected = np.full(W, np.nan)
+    for s in range(first // B * B, first + origin - S + 1, B):  # hours whose first slot has left, oldest first
+        vals = series[0, max(s - first, 0) : max(s - first + min(B, S), 0), 0]
+        if np.isnan(vals).all():
+            continue
+        x, b = np.nanmean(vals), (s // B) % W
+        expected[b] = x if np.isnan(expected[b]) else expected[b] + WEEK_ALPHA * (x - expected[b])
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.isfinite(got).all()
+
+
+def test_a_weekly_vm_has_its_weekly_profile_at_the_target_hour_and_no_recent_error() -> None:
+    B, W = week_bucket_slots(SLOT), week_buckets(SLOT)
+    t = np.arange(17 * DAY)
+    first = 5 * DAY + 3 * B  # hour-aligned, mid-week
+    weekly = (10 + ((first + t) // B % W) % 37).astype(np.float32)  # one value per hour of the week
+    series = np.repeat(weekly[None, :, None], 4, axis=2)
+    h = np.array([1, 12, 100, 288])
+    X, Y = training_examples(series, attrs(1), first, np.array([15 * DAY + 5]), h, DAY, SLOT)
+    np.testing.assert_allclose(X[:, col("cpu_week")], Y[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(X[:, col("cpu_week_err_24h")], 0.0, atol=1e-5)
+    assert (np.abs(X[:, col("cpu_prof")] - Y[:, 0]) > 0.5).any()  # the daily profile cannot tell the days apart
 
 
 def test_profile_is_the_ewma_of_each_time_of_day_that_left_the_window() -> None:

@@ -1,9 +1,10 @@
-"""The window store's daily profile: serving's state equals training's reconstruction (``profiles_at``).
+"""The window store's daily and weekly profiles: serving's state equals training's reconstruction
+(``profiles_at``, ``weeklies_at``).
 
 A multi-day series of a few VMs (random values, NaN channels, missing slots, a
 silence longer than the window, different first and last slots) is streamed into
 a ``WindowStore`` in time-ordered batches (shuffled within, some samples a batch
-late); at the end the store's profiles must equal ``features.profiles_at`` on the
+late); at the end the store's profiles must equal ``features.profiles_at`` and ``weeklies_at`` on the
 slot means of the same samples, and ``build_features`` on the store's windows and
 profiles must equal ``training_examples``' rows for the same origins.
 """
@@ -24,6 +25,8 @@ from gpu_kernels.features import (
     profiles_at,
     slots_per_day,
     training_examples,
+    week_buckets,
+    weeklies_at,
     windows_at,
 )
 from streams.recovery import SnapshotStore
@@ -111,12 +114,26 @@ def test_store_profiles_equal_the_training_reconstruction(slot_s, S):
     assert np.isnan(got[2]).any()
 
 
+@pytest.mark.parametrize("slot_s, S, days", [*((s, n, 8) for s, n in CASES), (300, 288, 8.5)])
+def test_store_weekly_profiles_equal_the_training_reconstruction(slot_s, S, days):
+    """Over a week: each hour of the week is folded a second time (slots of an hour, or an hour each)."""
+    store, names, series, first, origin, _ = stream(slot_s, S, days=days, seed=7)
+    rows = store.rows_of(names)
+    got = store.weeklies(rows)
+    assert got.shape == (len(names), week_buckets(slot_s), len(TARGETS)) and got.dtype == np.float32
+    for v in range(len(names)):
+        want = weeklies_at(series[v : v + 1], first, [origin[v]], S, slot_s)[0]
+        np.testing.assert_array_equal(np.isnan(got[v]), np.isnan(want), err_msg=f"NaN positions of vm{v}")
+        np.testing.assert_allclose(got[v], want, rtol=1e-5, equal_nan=True, err_msg=f"weekly profile of vm{v}")
+    assert np.isfinite(got).any() and np.isnan(got[2]).any()
+
+
 @pytest.mark.parametrize("slot_s, S", [(3600, 24), (3600, 48), (300, 288)])
 def test_serving_features_equal_training_features(slot_s, S):
     store, names, series, first, origin, vcpus = stream(slot_s, S, days=8 if slot_s == 3600 else 3, seed=1)
     rows = store.rows_of(names)
     win, attrs = store.windows(rows)
-    X_serve = build_features(win, attrs, attrs["last_slot"], HORIZONS, slot_s, profile=attrs["profile"])
+    X_serve = build_features(win, attrs, attrs["last_slot"], HORIZONS, slot_s, profile=attrs["profile"], week=attrs["week"])
     X_serve = X_serve.reshape(len(names), len(HORIZONS), -1)
     T = series.shape[1]
     cols = [WINDOW_CHANNELS.index(t) for t in TARGETS]
@@ -130,15 +147,15 @@ def test_serving_features_equal_training_features(slot_s, S):
 
 
 def test_scorer_forecasts_with_the_store_profile(monkeypatch):
-    """The worker's forecast path hands the store's profile to the feature code."""
+    """The worker's forecast path hands the store's profiles to the feature code."""
     import streams.scorer as scorer_mod
 
     store, names, *_ = stream(3600, 24, days=3, seed=2)
     rows = store.rows_of(names)
     seen = {}
 
-    def spy(win, attrs, last_slot, horizons, slot_s, xp=None, profile=None):
-        seen["profile"] = profile
+    def spy(win, attrs, last_slot, horizons, slot_s, xp=None, profile=None, week=None):
+        seen["profile"], seen["week"] = profile, week
         return np.zeros((win.shape[0] * len(horizons), 1), np.float32)
 
     class Model:
@@ -153,6 +170,7 @@ def test_scorer_forecasts_with_the_store_profile(monkeypatch):
     sc = scorer_mod.Scorer(Settings().replace(slot_s=3600, window_span_s=24 * 3600), Model)
     sc._forecast(store, rows, store.attrs(rows), Model())
     np.testing.assert_array_equal(seen["profile"], store.profiles(rows))
+    np.testing.assert_array_equal(seen["week"], store.weeklies(rows))
 
 
 def test_one_clearing_longer_than_a_day_folds_each_time_of_day_in_slot_order():

@@ -248,6 +248,39 @@ def test_a_version_2_snapshot_restores_exactly_with_an_empty_profile(tmp_path):
     assert np.isfinite(back.profiles(r)).any()
 
 
+def v3_fixture_store() -> tuple[WindowStore, list[str]]:
+    """The store in ``data/window_snapshot_v3.npz``, and the pending VMs saved with it.
+
+    Written by the code of commit 2f3d0a4 (snapshot version 3: with the daily profile, before
+    the weekly one) through ``SnapshotStore.save(0, arrays, 44, 5678)``: 4 batches of 300
+    samples of 12 VMs, 10 slots each, through a 12-slot window, so some slots were folded;
+    then row 6's VM was released.
+    """
+    rng = np.random.default_rng(9)
+    store = WindowStore(12, SLOT, 3600, capacity=4)
+    for b in range(4):
+        vm = [f"vm{i}" for i in rng.integers(0, 12, 300)]
+        host = [f"h{int(x[2:]) % 3}" for x in vm]
+        store.update(vm, host, (1200 + 10 * b) * SLOT + rng.uniform(0, 10 * SLOT, 300), samples(300, rng, 0.2), seen=1_700_000_000.0)
+    store.release(store.rows_of(["vm6"]))
+    return store, ["vm3", "vm8"]
+
+
+def test_a_version_3_snapshot_restores_exactly_with_an_empty_weekly_profile(tmp_path):
+    snap = _load_fixture_snapshot(tmp_path, "window_snapshot_v3.npz")
+    assert snap is not None and snap.next_offset == 44 and snap.last_record_crc == 5678
+    assert int(snap.arrays["config"][0]) == 3 and "week" not in snap.arrays
+    back = WindowStore.restore(snap.arrays)
+    store, pending = v3_fixture_store()
+    assert np.isfinite(store.profile).any() and np.isfinite(store.week).any()  # today's code folds both
+    assert np.isnan(back.week).all()  # the old file had no weekly profile: it starts empty
+    assert store_differences(store, back) == ["week"]  # and everything else is restored bit for bit
+    assert snap.arrays["pending_vm"].tolist() == pending
+    r = back.rows_of(["vm1"])  # it refills as hours leave the window
+    back.update(["vm1"], ["h1"], np.array([(back.last_slot[r[0]] + 13) * SLOT + 1.0]), samples(1, np.random.default_rng(0)))
+    assert np.isfinite(back.weeklies(r)).any()
+
+
 @pytest.mark.parametrize("top, dtype", [(5, np.uint8), (255, np.uint8), (256, np.uint16), (70_000, np.uint32)])
 def test_snapshot_counts_take_the_smallest_unsigned_dtype_and_round_trip_exactly(tmp_path, top, dtype):
     rng = np.random.default_rng(11)
@@ -259,9 +292,10 @@ def test_snapshot_counts_take_the_smallest_unsigned_dtype_and_round_trip_exactly
     old = store.rows_of([f"vm{i}" for i in range(0, n, 3)])  # a third of the VMs have a daily profile
     store.profile[old] = rng.uniform(0, 100, (len(old), 288, 3)).astype(np.float32)
     store.profile[old[:, None], rng.integers(0, 288, (len(old), 20))] = np.nan  # with holes
+    store.week[old] = rng.uniform(0, 100, (len(old), 168, 3)).astype(np.float32)  # and a weekly profile
     store.release(store.rows_of(["vm10", "vm11"]))
     arrays = store.snapshot()
-    assert int(arrays["config"][0]) == SNAPSHOT_VERSION == 3
+    assert int(arrays["config"][0]) == SNAPSHOT_VERSION == 4
     assert arrays["counts"].dtype == dtype and arrays["sums"].dtype == np.float32 and arrays["profile"].dtype == np.float32
     snaps = SnapshotStore(str(tmp_path), "g", "t")
     snaps.save(3, arrays, 77, 99)
@@ -272,6 +306,7 @@ def test_snapshot_counts_take_the_smallest_unsigned_dtype_and_round_trip_exactly
     assert snap is not None and snap.next_offset == 77 and snap.last_record_crc == 99
     assert snap.arrays["sums"].tobytes() == arrays["sums"].tobytes()
     assert snap.arrays["profile"].tobytes() == arrays["profile"].tobytes()
+    assert snap.arrays["week"].tobytes() == arrays["week"].tobytes()
     assert snap.arrays["counts"].dtype == dtype and np.array_equal(snap.arrays["counts"], arrays["counts"])
     back = WindowStore.restore(snap.arrays)
     assert store_differences(store, back) == []
