@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from training.dataset import Panel, SlotGrid, panel_examples, panel_from_grids, sample_origins
+from training.dataset import CHANNELS, Panel, SlotGrid, panel_examples, panel_from_grids, sample_origins
 from training.fit import TrainingKnobs
 from training.validated import choose_blend, validation_plan
 
@@ -69,6 +69,8 @@ class RetrainResult:
     champion_score: float | None = None
     mae: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # target -> bucket -> method -> MAE
     worse_than_naive: list[str] = field(default_factory=list)  # challenger's buckets behind the best naive baseline
+    held_out_pairs: int = 0  # cpu_pct (forecast, sample) pairs the gate compared on, all buckets
+    held_out_observed: float = float("nan")  # share of the held-out day's VM-slots holding a sample
 
 
 def open_client(cfg: RetrainConfig, device: str = "auto") -> tuple[Any, Any]:
@@ -216,6 +218,14 @@ def gate_decision(tally: Any, champion: bool) -> tuple[bool, str, float, float |
     return False, "champion kept (challenger worse)", c_score, champ_score
 
 
+def held_out_observed(panel: Panel, cut: int) -> float:
+    """Share of the held-out day's slots (from ``cut`` on) with a cpu sample, over the VMs that have any
+    sample in it (NaN when none has)."""
+    cpu = ~np.isnan(panel.series[:, cut:, CHANNELS.index("cpu_pct")])
+    alive = cpu.any(axis=1)
+    return float(cpu[alive].mean()) if alive.any() else float("nan")
+
+
 def holdout_examples(panel: Panel, settings: Any, cfg: RetrainConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """(X, Y) from origins inside the held-out last day (so every label lies in it); returns the cut too.
 
@@ -316,6 +326,11 @@ def retrain_once(
     publish, reason, c_score, champ_score = gate_decision(tally, "champion" in models)
     if unusable is not None:
         publish, reason = True, unusable
+    n_pairs = int(tally.counts[list(tally.targets).index("cpu_pct")].sum())
+    observed = held_out_observed(panel, cut)
+    if observed < 0.5:  # e.g. the workers were down for most of the last day: few, odd windows decide
+        log.warning("the held-out day is mostly a gap (%.0f %% of its VM-slots hold a sample): the gate compares on "
+                    "%d cpu_pct pairs only", 100 * observed, n_pairs)  # fmt: skip
     behind = tally.worse_than_naive("challenger")
     if behind:
         log.warning("challenger is worse than the best naive baseline on the held-out day in: %s", "; ".join(behind))
@@ -329,6 +344,7 @@ def retrain_once(
     return RetrainResult(
         publish, version, reason, c_loss, champ_loss, champ_version, t, rows, len(panel.vms),
         challenger_score=c_score, champion_score=champ_score, mae=tally.mae(), worse_than_naive=behind,
+        held_out_pairs=n_pairs, held_out_observed=observed,
     )  # fmt: skip
 
 

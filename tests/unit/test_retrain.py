@@ -73,3 +73,18 @@ def test_the_gate_measures_like_live_accuracy_and_prefers_the_better_model():
     assert gate_decision(flipped, champion=True)[:2] == (False, "champion kept (challenger worse)")
     alone = holdout_accuracy({"challenger": off}, X, Y)
     assert gate_decision(alone, champion=False)[:2] == (True, "store empty")
+
+
+def test_the_held_out_day_reports_how_much_of_it_holds_samples():
+    """A history whose last day is mostly a gap (workers down) is reported, not silently gated on."""
+    from training.dataset import CHANNELS, Panel
+    from training.retrain import held_out_observed
+
+    series = np.full((3, 400, len(CHANNELS)), np.nan, np.float32)
+    series[:, :112] = 1.0  # three VMs with a full first part
+    series[0, 112:400:4] = 2.0  # the held-out part (from slot 112): one VM reports every 4th slot
+    panel = Panel(["a", "b", "c"], 0, series, np.ones(3, np.float32), np.ones(3, np.float32))
+    assert held_out_observed(panel, 112) == pytest.approx(0.25)  # over the VMs alive in it
+    assert held_out_observed(panel, 0) == pytest.approx((112 * 3 + 72) / (400 * 3))
+    series[:, 112:] = np.nan
+    assert np.isnan(held_out_observed(panel, 112))
