@@ -224,7 +224,7 @@ class WindowStore:
 
         Samples average into their slot; a VM moving to a newer slot clears the
         slots in between (gaps stay NaN), folding the slots that leave the window
-        into the daily and weekly profiles first (``_fold_leaving``); samples older than the
+        into the daily and weekly profiles first (``_fold_leaving``, ``_fold_weekly``); samples older than the
         window are dropped and counted in ``dropped_old``. ``seen``: when each sample arrived
         (wall clock, epoch s; one number or one per sample; default now), kept
         per VM as ``last_seen`` for eviction.
@@ -336,7 +336,9 @@ class WindowStore:
     def _fold_weekly(self, rows: np.ndarray, slots: np.ndarray, newest: np.ndarray) -> None:
         """Fold each hour whose first slot is about to leave into the weekly profile: the mean over
         the hour's first ``min(hour, window)`` slots that the window holds (up to ``newest``, the
-        row's newest slot before this update; later ones were skipped over, so had no sample).
+        row's newest slot before this update). Slots after it are skipped over (no sample) or come
+        with this very update, which only happens when one update moves a VM on by nearly a
+        whole window: those are left out (training counts them, ``features.weeklies_at``).
 
         One entry per leaving slot (row, absolute slot); a run is at most a window long, so
         under a week: every (row, hour of the week) is written at most once per call.
