@@ -268,18 +268,23 @@ def folded(old: Any, x: Any, alpha: float = PROFILE_ALPHA, xp: Any = None) -> An
     return xp.where(xp.isnan(x), old, new)
 
 
+def periodic_ewma(values: Any, period: int, alpha: float, xp: Any = None) -> Any:
+    """``values (V, T, ...)`` -> the EWMA (``folded``) of each phase ``t % period`` right after
+    column ``t`` was folded in (same shape, NaN before any): one vectorised step per period."""
+    xp = array_module(values) if xp is None else xp
+    T = values.shape[1]
+    out = xp.full(values.shape, xp.nan, dtype=xp.float32)
+    for d in range(0, T, period):
+        hi = min(T, d + period)
+        prev = out[:, d - period : hi - period] if d >= period else xp.full_like(out[:, d:hi], xp.nan)
+        out[:, d:hi] = folded(prev, values[:, d:hi].astype(xp.float32), alpha, xp)
+    return out
+
+
 def profile_history(values: Any, slot_s: int, alpha: float = PROFILE_ALPHA, xp: Any = None) -> Any:
     """``values (V, T, len(TARGETS))`` raw slot means -> the profile state of each slot's
     time of day right after slot ``t`` was folded in (``(V, T, len(TARGETS))``, NaN before any)."""
-    xp = array_module(values) if xp is None else xp
-    P = slots_per_day(slot_s)
-    T = values.shape[1]
-    out = xp.full(values.shape, xp.nan, dtype=xp.float32)
-    for d in range(0, T, P):  # one vectorised step per day
-        hi = min(T, d + P)
-        prev = out[:, d - P : hi - P] if d >= P else xp.full_like(out[:, d:hi], xp.nan)
-        out[:, d:hi] = folded(prev, values[:, d:hi].astype(xp.float32), alpha, xp)
-    return out
+    return periodic_ewma(values, slots_per_day(slot_s), alpha, xp)
 
 
 def profiles_at(
@@ -360,12 +365,7 @@ def weeklies_at(
     B, W = week_bucket_slots(slot_s), week_buckets(slot_s)
     cols = [WINDOW_CHANNELS.index(t) for t in TARGETS]
     means, b0 = bucket_means(series[:, :, cols].astype(xp.float32), first_slot, slot_s, int(window_slots), xp)
-    n_b = means.shape[1]
-    hist = xp.full(means.shape, xp.nan, dtype=xp.float32)
-    for w in range(0, n_b, W):  # one vectorised step per week
-        hi = min(n_b, w + W)
-        prev = hist[:, w - W : hi - W] if w >= W else xp.full_like(hist[:, w:hi], xp.nan)
-        hist[:, w:hi] = folded(prev, means[:, w:hi], alpha, xp)
+    hist = periodic_ewma(means, W, alpha, xp)  # bucket column c's state after it was folded
     o = xp.asarray(origins, dtype=xp.int64).reshape(-1)
     newest = (int(first_slot) + o - int(window_slots)) // B  # newest bucket folded (absolute)
     j = xp.arange(W, dtype=xp.int64)
