@@ -15,7 +15,11 @@ target and horizon band so that its validation coverage is closest to 0.9.
 The naive forecasts are read from the feature matrix (one feature module for training and
 serving): ``last`` = ``<s>_last``, ``yday`` = ``<s>_yday`` (the same slot one day earlier),
 ``prof`` = ``<s>_prof`` (the daily profile at that slot), ``week`` = ``<s>_week`` (the weekly
-profile at that hour), each falling back to ``last``.
+profile at that hour), ``mean`` = ``<s>_mean_24h`` (the mean of the newest 24 h: the report's
+"mean" baseline for ``cpu_pct``; for the log1p targets the mean of the log1p values, mapped
+back), each falling back to ``last``. Why ``mean``: the report judges the served forecast
+against it, and beyond a few hours it beats persistence on PlanetLab and at some horizons on
+Bitbrains, so a blend that cannot serve it cannot be "never worse than naive" there.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 
 from gpu_kernels.features import FEATURE_NAMES, LOG1P_TARGETS, SHORT_NAMES, TARGETS, array_module
 
-NAIVE: tuple[str, ...] = ("last", "yday", "prof", "week")
+NAIVE: tuple[str, ...] = ("last", "yday", "prof", "week", "mean")
 WEIGHTS: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 SPREADS: tuple[float, ...] = tuple(np.round(np.geomspace(0.25, 4.0, 41), 3))
 COVERAGE_GOAL = 0.9
@@ -84,8 +88,8 @@ def naive_forecasts(X: Any) -> Any:
     out[:, :, NAIVE.index("last")] = nf["last"]
     out[:, :, NAIVE.index("yday")] = nf["seasonal"]
     for j, t in enumerate(TARGETS):
-        for name in ("prof", "week"):
-            v = X[:, FEATURE_NAMES.index(f"{SHORT_NAMES[t]}_{name}")]
+        for name, feature in (("prof", "prof"), ("week", "week"), ("mean", "mean_24h")):
+            v = X[:, FEATURE_NAMES.index(f"{SHORT_NAMES[t]}_{feature}")]
             v = xp.maximum(xp.expm1(v), 0) if t in LOG1P_TARGETS else v
             out[:, j, NAIVE.index(name)] = xp.where(xp.isnan(v), nf["last"][:, j], v)
     return out
@@ -133,10 +137,13 @@ def clustered_se(diff: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sqrt((resid**2).sum() * g / (g - 1)) / diff.size)
 
 
-def one_se_choice(rows_err: np.ndarray, groups: Sequence[np.ndarray] | None = None, n_blocks: int = BLOCKS) -> int:
+def one_se_choice(
+    rows_err: np.ndarray, groups: Sequence[np.ndarray] | None = None, n_blocks: int = BLOCKS, se_scale: float = 1.0
+) -> int:
     """The first candidate whose MAE is within one standard error of the best one's (the
     one-standard-error rule), from per-row errors ``(candidates, m)`` in order of preference
-    (model weights ascending; naive forecasts simplest first).
+    (model weights ascending; naive forecasts simplest first). ``se_scale`` multiplies the
+    standard error (0: the lowest MAE, the first one on a tie).
 
     Why: on a validation split a gain of a fraction of a percent over a naive forecast is noise
     as often as not (Bitbrains at 6 h), and trusting it made the served forecast lose to
@@ -153,7 +160,7 @@ def one_se_choice(rows_err: np.ndarray, groups: Sequence[np.ndarray] | None = No
     for i in range(best):  # the preferred ones first
         diff = rows_err[i] - rows_err[best]
         se = max((v for v in (clustered_se(diff, g) for g in groups) if np.isfinite(v)), default=0.0)
-        if diff.mean() <= se:
+        if diff.mean() <= se_scale * se:
             return i
     return best
 
@@ -161,6 +168,7 @@ def one_se_choice(rows_err: np.ndarray, groups: Sequence[np.ndarray] | None = No
 def fit_blend(
     q: np.ndarray, X: np.ndarray, Y: np.ndarray, horizons: np.ndarray, slot_s: int, edges_h: tuple[float, ...],
     groups: Mapping[str, np.ndarray] | None = None, lean_model: Collection[str] = (),
+    se_scale: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[Blend, dict[str, Any]]:  # fmt: skip
     """Choose the blend on validation rows: ``q (n, TG, 2)`` booster quantiles, ``Y (n, TG)`` actuals,
     ``groups`` per-row labels whose clusters set the standard error (``one_se_choice``).
@@ -171,6 +179,9 @@ def fit_blend(
     shape that MAE allows: ``training.validated`` weighs the two on window regret, since a
     forecast equal to the last value carries no timing). With few validation days the standard
     error is wide, and without that cap a model 8 % behind persistence was admitted.
+
+    ``se_scale[target][i]`` multiplies the standard error at grid horizon ``i`` (default 1: the
+    one-standard-error rule; ``training.validated.forward_se_scales`` picks it).
 
     Returns the blend and a report: per target and grid horizon the validation MAE of the
     model, of each naive forecast and of the served blend.
@@ -198,13 +209,14 @@ def fit_blend(
             err = rows_err.mean(axis=1)  # (W, K)
             # the partner: persistence unless another naive forecast beats it alone by more than a standard error
             g = None if groups is None else [labels[sel] for labels in groups.values()]
-            ik = _PREFERRED[one_se_choice(rows_err[0][:, _PREFERRED].T, g)]
+            k_se = 1.0 if se_scale is None else float(se_scale[t][i])
+            ik = _PREFERRED[one_se_choice(rows_err[0][:, _PREFERRED].T, g, se_scale=k_se)]
             if t in lean_model:  # the largest weight within one standard error (preference reversed) ...
-                iw = len(WEIGHTS) - 1 - one_se_choice(rows_err[::-1, :, ik], g)
+                iw = len(WEIGHTS) - 1 - one_se_choice(rows_err[::-1, :, ik], g, se_scale=k_se)
                 while iw > 0 and err[iw, ik] > err[0, ik]:  # ... and no worse than the naive forecast alone
                     iw -= 1
             else:
-                iw = one_se_choice(rows_err[:, :, ik], g)
+                iw = one_se_choice(rows_err[:, :, ik], g, se_scale=k_se)
             wt.append(float(WEIGHTS[iw]))
             nv.append(NAIVE[ik])
             med_all[sel] = WEIGHTS[iw] * m + (1 - WEIGHTS[iw]) * cands[:, ik]

@@ -38,8 +38,25 @@ def test_naive_forecasts_read_the_features_on_the_raw_scale() -> None:
     nv = naive_forecasts(X)
     np.testing.assert_allclose(nv[:, 0, NAIVE.index("yday")], X[:, col("cpu_yday")], rtol=1e-6)
     np.testing.assert_allclose(nv[:, 1, NAIVE.index("last")], np.expm1(X[:, col("dirty_last")]), rtol=1e-5)
-    # no profile yet: the profile forecast falls back to the last value
+    # no profile yet: the profile forecast falls back to the last value, and so does the day's mean
     np.testing.assert_allclose(nv[:, 2, NAIVE.index("prof")], nv[:, 2, NAIVE.index("last")])
+    np.testing.assert_allclose(nv[:, 0, NAIVE.index("mean")], nv[:, 0, NAIVE.index("last")])
+    X[:, col("net_mean_24h")] = np.log1p(7.0)
+    np.testing.assert_allclose(naive_forecasts(X)[:, 2, NAIVE.index("mean")], 7.0, rtol=1e-5)
+
+
+def test_where_the_days_mean_beats_every_other_naive_forecast_the_blend_serves_it() -> None:
+    """Noisy VMs around a steady level: the newest value is one noisy draw, the day's mean the level."""
+    X, Y = rows(20_000, 5)
+    rng = np.random.default_rng(6)
+    level = rng.uniform(5, 45, X.shape[0])
+    Y[:, 0] = level + rng.normal(0, 1, level.size)
+    X[:, col("cpu_last")], X[:, col("cpu_yday")] = level + rng.normal(0, 8, (2, level.size))
+    X[:, col("cpu_mean_24h")] = level + rng.normal(0, 0.5, level.size)
+    q = np.full((X.shape[0], len(TARGETS), 2), 25.0, np.float32)
+    blend, report = fit_blend(q, X, Y, HORIZONS, SLOT, BAND_EDGES_H)
+    assert set(blend.naive["cpu_pct"]) == {"mean"} and max(blend.weight["cpu_pct"]) <= 0.1
+    assert all(r["served"] <= r["last"] / 3 for r in report["cpu_pct"])
 
 
 def test_a_useless_model_is_replaced_by_the_naive_forecast_that_wins_on_validation() -> None:
