@@ -71,6 +71,16 @@ def validation_table(val: dict[str, Any]) -> str:
         lines += [f"| {name} | {_fmt(r['model'])} | {_fmt(r['now'])} | {_fmt(r['seasonal'])} | {int(r['origins'])} |"
                   for name, r in val["regret_ms"].items()]  # fmt: skip
         lines += ["", f"served: {val['window_choice']}", ""] if "window_choice" in val else [""]
+    rule = val.get("se_rule")
+    if rule:
+        scales = rule["scales"]
+        lines += ["| blend rule checked forward (MAE on each next fold) | " + " | ".join(f"{s:g} x SE" for s in scales)
+                  + " | taken |", "| --- " * (len(scales) + 2) + "|"]  # fmt: skip
+        for target, buckets in rule["forward_mae"].items():
+            for b, maes in buckets.items():
+                if rule["forward_rows"][target][b]:
+                    lines.append(f"| {target} {b} | " + " | ".join(_fmt(m) for m in maes) + f" | {rule['chosen'][target][b]:g} x SE |")
+        lines.append("")
     return "\n".join(lines)
 
 

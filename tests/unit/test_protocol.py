@@ -99,7 +99,7 @@ def test_validation_only_reads_nothing_after_the_training_range() -> None:
     poisoned.series[:, end:] = 1e6  # the test part: any read of it would show in the figures
     a = validate_only(panel, SETTINGS, CFG, Protocol("holdout"))
     b = validate_only(poisoned, SETTINGS, CFG, Protocol("holdout"))
-    assert a["mae"] == b["mae"] and a["blend"] == b["blend"]
+    assert a["mae"] == b["mae"] and a["blend"] == b["blend"] and a["se_rule"] == b["se_rule"]
     # the window regret of the candidate blends and of the boosters alone, on the validation folds alone
     assert set(a["regret_ms"]) == {*CANDIDATES, "boosters alone"} and a["window_choice"] in CANDIDATES
     assert a["regret_ms"] == b["regret_ms"] and all(r["origins"] > 0 for r in a["regret_ms"].values())
@@ -107,6 +107,7 @@ def test_validation_only_reads_nothing_after_the_training_range() -> None:
 
     text = validation_table(a)
     assert "validation folds" in text and "| boosters alone |" in text and f"served: {a['window_choice']}" in text
+    assert "| blend rule checked forward (MAE on each next fold) | 1 x SE | 0 x SE | taken |" in text
 
 
 @pytest.mark.parametrize("shape_gain_ms, served", [(0.0, "nearest naive"), (5.0, "model shape for windows")])
