@@ -77,6 +77,12 @@ class WorkerMetrics:
             "(1: the model alone; 0: the naive forecast alone, the model lost to it on validation)",
             ["target", "bucket"], registry=r,
         )  # fmt: skip
+        self.model_partner = Gauge(
+            "zhuge_model_partner",
+            "Share of the bucket's grid horizons whose served median is combined with this naive forecast "
+            "(training.blend.NAIVE: last, yday, prof, week, mean); no series without a blend",
+            ["target", "bucket", "naive"], registry=r,
+        )  # fmt: skip
 
         self._lock = threading.Lock()
         self._model_created: float | None = None
@@ -101,20 +107,25 @@ class WorkerMetrics:
             self._model_created = created_ts
 
     def set_blend(self, model: Any) -> None:
-        """Publish the served model's blend (``training.blend``) as ``zhuge_model_weight``; 1 without one."""
+        """Publish the served model's blend (``training.blend``) as ``zhuge_model_weight`` (1 without
+        one) and ``zhuge_model_partner`` (which naive forecast it leans on)."""
         from gpu_kernels.accuracy import BUCKET_NAMES, bucket_index
         from gpu_kernels.features import TARGETS
+        from training.blend import NAIVE
 
         blend = getattr(model, "blend", None)
         bucket = None if blend is None else bucket_index(np.asarray(blend.horizons) * model.slot_s)
+        self.model_partner.clear()
         for target in TARGETS:
             for i, name in enumerate(BUCKET_NAMES):
                 if blend is None:
-                    weight = 1.0
-                else:
-                    w = np.asarray(blend.weight[target])[bucket == i]
-                    weight = float(np.mean(w)) if w.size else float("nan")
-                self.model_weight.labels(target=target, bucket=name).set(weight)
+                    self.model_weight.labels(target=target, bucket=name).set(1.0)
+                    continue
+                w = np.asarray(blend.weight[target])[bucket == i]
+                self.model_weight.labels(target=target, bucket=name).set(float(np.mean(w)) if w.size else float("nan"))
+                partners = np.asarray(blend.naive[target])[bucket == i]
+                for naive in NAIVE if partners.size else ():
+                    self.model_partner.labels(target=target, bucket=name, naive=naive).set(float(np.mean(partners == naive)))
 
     def _age(self) -> float:
         created = self._model_created

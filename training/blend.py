@@ -9,8 +9,12 @@ beats it on its own by more than one standard error there, and ``w`` is the smal
 whose MAE is within one standard error of the best weight's. ``w = 0`` (that naive forecast alone)
 is a candidate, and a ``w > 0`` is only taken when it is more than one standard error behind,
 so on that split, at every grid point, the served median is never worse than persistence, nor
-worse than the best naive forecast by more than one standard error of the difference. (Looser rules were tried first; README "Blend with naive forecasts" has what each did.) The q90 keeps its distance above the median, scaled per
-target and horizon band so that its validation coverage is closest to 0.9.
+worse than the best naive forecast by more than one standard error of the difference. (Looser
+rules were tried first; README "Blend with naive forecasts" has what each did.
+``training.validated.forward_se_scales`` lowers the multiplier of the standard error to 0, per
+target and horizon bucket, only where that did better on the next validation fold.) The q90
+keeps its distance above the median, scaled per target and horizon band so that its
+validation coverage is closest to 0.9.
 
 The naive forecasts are read from the feature matrix (one feature module for training and
 serving): ``last`` = ``<s>_last``, ``yday`` = ``<s>_yday`` (the same slot one day earlier),

@@ -38,7 +38,7 @@ import numpy as np
 
 from training.dataset import CHANNELS, Panel, SlotGrid, panel_examples, panel_from_grids, sample_origins
 from training.fit import TrainingKnobs
-from training.validated import choose_blend, validation_plan
+from training.validated import SE_SCALES, choose_blend, iso_utc, validation_plan
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
@@ -71,6 +71,7 @@ class RetrainResult:
     worse_than_naive: list[str] = field(default_factory=list)  # challenger's buckets behind the best naive baseline
     held_out_pairs: int = 0  # cpu_pct (forecast, sample) pairs the gate compared on, all buckets
     held_out_observed: float = float("nan")  # share of the held-out day's VM-slots holding a sample
+    held_out_gap_slots: int = 0  # slots without any sample the held-out part reached back across
 
 
 def open_client(cfg: RetrainConfig, device: str = "auto") -> tuple[Any, Any]:
@@ -218,16 +219,39 @@ def gate_decision(tally: Any, champion: bool) -> tuple[bool, str, float, float |
     return False, "champion kept (challenger worse)", c_score, champ_score
 
 
-def held_out_observed(panel: Panel, cut: int) -> float:
-    """Share of the held-out day's slots (from ``cut`` on) with a cpu sample, over the VMs that have any
-    sample in it (NaN when none has)."""
+def _observed_slots(panel: Panel) -> np.ndarray:
+    """Per slot of the panel: True where any VM has a cpu sample."""
+    return ~np.isnan(panel.series[:, :, CHANNELS.index("cpu_pct")]).all(axis=0)
+
+
+def holdout_cut(panel: Panel, holdout_slots: int) -> int:
+    """The first slot of the held-out part: the oldest of the newest ``holdout_slots`` slots that
+    hold a sample (``T - holdout_slots`` when fewer do, or when there is no gap).
+
+    Why: after a gap (workers down for a day; a backfill, then live data a day later) the newest
+    ``holdout_slots`` slots were mostly empty and the gate compared on a few windows of next to
+    nothing (two new-user trials: 1 % and 0 % of the held-out day observed). Slots no VM has a
+    sample in are skipped, so the held-out part reaches back across the gap to a day of samples;
+    the challenger is still fitted on labels before it only.
+    """
+    seen = np.flatnonzero(_observed_slots(panel))
+    newest = panel.n_slots - holdout_slots
+    return newest if seen.size < holdout_slots else min(int(seen[-holdout_slots]), newest)
+
+
+def held_out_observed(panel: Panel, cut: int) -> tuple[float, int]:
+    """``(share, gap)``: the share of VM-slots with a cpu sample in the held-out part (from ``cut``
+    on) over its slots that hold any sample and the VMs that have any (NaN when none has), and
+    the slots in it that no VM has a sample in."""
     cpu = ~np.isnan(panel.series[:, cut:, CHANNELS.index("cpu_pct")])
-    alive = cpu.any(axis=1)
-    return float(cpu[alive].mean()) if alive.any() else float("nan")
+    alive, seen = cpu.any(axis=1), cpu.any(axis=0)
+    share = float(cpu[np.ix_(alive, seen)].mean()) if alive.any() else float("nan")
+    return share, int((~seen).sum())
 
 
 def holdout_examples(panel: Panel, settings: Any, cfg: RetrainConfig) -> tuple[np.ndarray, np.ndarray, int]:
-    """(X, Y) from origins inside the held-out last day (so every label lies in it); returns the cut too.
+    """(X, Y) from origins inside the held-out part, the newest day of samples (``holdout_cut``: so
+    every label lies in it); returns the cut too.
 
     The challenger is fitted on labels before the cut only; the windows of these
     examples do reach into the held-out day, exactly as serving would.
@@ -235,11 +259,12 @@ def holdout_examples(panel: Panel, settings: Any, cfg: RetrainConfig) -> tuple[n
     from training.model import default_horizons
 
     T = panel.n_slots
-    cut = T - cfg.holdout_slots
+    cut = holdout_cut(panel, cfg.holdout_slots)
     if cut <= settings.window_slots // 2 + 1:
+        seen = int(_observed_slots(panel).sum())
         raise ValueError(
-            f"history holds {T} slots: needs more than {cfg.holdout_slots + settings.window_slots // 2 + 1} "
-            "(half a window to train on plus the held-out day)"
+            f"history holds {T} slots ({seen} with a sample): needs more than "
+            f"{cfg.holdout_slots + settings.window_slots // 2 + 1} with a sample (half a window to train on plus the held-out day)"
         )
     origins = np.arange(cut - 1, T - 1, 12)
     X, Y = panel_examples(panel, origins, default_horizons(settings.horizon_slots), settings.window_slots, settings.slot_s)
@@ -292,9 +317,11 @@ def retrain_once(
         log.warning("history too short for a validation split before the held-out day: serving the boosters without a blend")
     else:
         blend, val = choose_blend(panel, plan, settings, fit_before, seed=cfg.seed)
-        log.info("blend chosen on %d validation rows from %d days: %s (window regret on the folds, ms: %s)",
-                 val["rows"], val["days"], val["window_choice"],
-                 ", ".join(f"{name} {r['model']:.2f}" for name, r in val["regret_ms"].items()))  # fmt: skip
+        loose = [f"{t} {b} {k:g} x SE" for t, by in val["se_rule"]["chosen"].items() for b, k in by.items() if k != SE_SCALES[0]]
+        log.info("blend chosen on %d validation rows from %d days: %s (window regret on the folds, ms: %s); "
+                 "the rule checked forward across the folds: %s", val["rows"], val["days"], val["window_choice"],
+                 ", ".join(f"{name} {r['model']:.2f}" for name, r in val["regret_ms"].items()),
+                 ", ".join(loose) or f"{SE_SCALES[0]:g} x SE everywhere")  # fmt: skip
     boosters = fit(X, Y)
     t["fit_s"] = time.perf_counter() - tic
     first = panel.first_slot * settings.slot_s
@@ -327,9 +354,13 @@ def retrain_once(
     if unusable is not None:
         publish, reason = True, unusable
     n_pairs = int(tally.counts[list(tally.targets).index("cpu_pct")].sum())
-    observed = held_out_observed(panel, cut)
-    if observed < 0.5:  # e.g. the workers were down for most of the last day: few, odd windows decide
-        log.warning("the held-out day is mostly a gap (%.0f %% of its VM-slots hold a sample): the gate compares on "
+    observed, gap = held_out_observed(panel, cut)
+    if gap:
+        log.info("the held-out part reaches back across %d slots without a sample to hold a day of samples: %s .. %s",
+                 gap, iso_utc((panel.first_slot + cut) * settings.slot_s),
+                 iso_utc((panel.first_slot + panel.n_slots) * settings.slot_s))  # fmt: skip
+    if observed < 0.5:  # e.g. most VMs report one slot in four: few, odd windows decide
+        log.warning("the held-out day is mostly empty (%.0f %% of its VM-slots hold a sample): the gate compares on "
                     "%d cpu_pct pairs only", 100 * observed, n_pairs)  # fmt: skip
     behind = tally.worse_than_naive("challenger")
     if behind:
@@ -344,7 +375,7 @@ def retrain_once(
     return RetrainResult(
         publish, version, reason, c_loss, champ_loss, champ_version, t, rows, len(panel.vms),
         challenger_score=c_score, champion_score=champ_score, mae=tally.mae(), worse_than_naive=behind,
-        held_out_pairs=n_pairs, held_out_observed=observed,
+        held_out_pairs=n_pairs, held_out_observed=observed, held_out_gap_slots=gap,
     )  # fmt: skip
 
 

@@ -6,11 +6,11 @@ the fold's start forecast from the fold's origins (labels still before ``end``).
 rows together ``training.blend.fit_blend`` picks, per target and horizon, the combination with
 the naive forecasts and the q90 spread, with a standard error taken over VMs and over origin
 days, and a multiplier of that standard error per target and horizon bucket checked forward
-across the folds (``forward_se_scales``). Two blends are admissible on MAE (nearest the naive forecasts, or with the most model weight
-within one standard error for what the window search reads); the one served is chosen on the
-window regret of the folds' forecasts. The boosters are then refitted on the whole range
-(``refit``) and served with that blend. Nothing after ``end`` is read, so a test period after
-``end`` is touched only by the backtest.
+across the folds (``forward_se_scales``). Two blends are admissible on MAE (nearest the naive
+forecasts, or with the most model weight within one standard error for what the window search
+reads); the one served is chosen on the window regret of the folds' forecasts. The boosters are
+then refitted on the whole range (``refit``) and served with that blend. Nothing after ``end``
+is read, so a test period after ``end`` is touched only by the backtest.
 
 Why several folds: with one three-day validation split the Bitbrains model kept weight at 24 h
 that lost on the following days. Which forecast wins there changes from day to day, so the choice

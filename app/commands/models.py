@@ -235,7 +235,8 @@ def _gate_rows(res: Any) -> list[tuple[str, str]]:
     """The gate's measure (live accuracy's): MAE / persistence, cpu_pct MAE per bucket, naive misses."""
     champ = "-" if res.champion_score is None else f"{res.champion_score:.4f}"
     rows = [("challenger MAE / persistence (gate)", f"{res.challenger_score:.4f}"), ("champion MAE / persistence", champ),
-            ("held-out day", f"{res.held_out_pairs} cpu_pct pairs; {res.held_out_observed:.0%} of its VM-slots observed")]
+            ("held-out day", f"{res.held_out_pairs} cpu_pct pairs; {res.held_out_observed:.0%} of its VM-slots observed"
+             + (f"; {res.held_out_gap_slots} slots without a sample skipped" if res.held_out_gap_slots else ""))]
     for bucket, row in res.mae.get("cpu_pct", {}).items():
         rows.append((f"cpu_pct MAE {bucket}", "  ".join(f"{m} {v:.3f}" for m, v in row.items())))
     rows.append(("worse than best naive", "; ".join(res.worse_than_naive) or "nowhere"))

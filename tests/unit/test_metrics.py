@@ -134,9 +134,16 @@ def test_model_weight_says_where_the_naive_forecast_is_served(served):
     m, server = served
     h = tuple(int(x) for x in default_horizons(288))
     far = [1.0 if x * 300 <= 6 * 3600 else 0.0 for x in h]  # the naive forecast alone beyond 6 h
-    blend = Blend(h, {t: tuple(far) for t in TARGETS}, {t: ("last",) * len(h) for t in TARGETS}, {t: (1.0,) * 3 for t in TARGETS})
+    partner = tuple("mean" if x * 300 > 12 * 3600 else "last" for x in h)  # the day's mean from 12 h on
+    blend = Blend(h, {t: tuple(far) for t in TARGETS}, {t: partner for t in TARGETS}, {t: (1.0,) * 3 for t in TARGETS})
     m.set_blend(SimpleNamespace(blend=blend, slot_s=300))
     got = {(s.labels["target"], s.labels["bucket"]): s.value for s in scrape(server.port)["zhuge_model_weight"].samples}
     assert got[("cpu_pct", "1h")] == 1.0 and got[("cpu_pct", "6h")] == 1.0 and got[("net_mbps", "24h")] == 0.0
+    share = {(s.labels["target"], s.labels["bucket"], s.labels["naive"]): s.value
+             for s in scrape(server.port)["zhuge_model_partner"].samples}  # fmt: skip
+    at_24h = [x for x in h if 6 * 3600 < x * 300 <= 24 * 3600]  # 8 h .. 24 h: 96 .. 288 slots
+    assert share[("cpu_pct", "1h", "last")] == 1.0 and share[("cpu_pct", "1h", "mean")] == 0.0
+    assert share[("dirty_mbps", "24h", "mean")] == pytest.approx(sum(x * 300 > 12 * 3600 for x in at_24h) / len(at_24h))
     m.set_blend(SimpleNamespace(blend=None, slot_s=300))  # boosters alone
     assert all(s.value == 1.0 for s in scrape(server.port)["zhuge_model_weight"].samples)
+    assert "zhuge_model_partner" not in scrape(server.port) or not scrape(server.port)["zhuge_model_partner"].samples

@@ -75,16 +75,33 @@ def test_the_gate_measures_like_live_accuracy_and_prefers_the_better_model():
     assert gate_decision(alone, champion=False)[:2] == (True, "store empty")
 
 
+def test_the_held_out_day_reaches_back_across_a_gap_to_a_day_of_samples():
+    """A backfill, a day with no worker, then live data: the gate gets a day of samples, not a day of gap."""
+    from training.dataset import CHANNELS, Panel
+    from training.retrain import held_out_observed, holdout_cut
+
+    series = np.full((3, 400, len(CHANNELS)), np.nan, np.float32)
+    series[:, :112] = 1.0  # three VMs backfilled
+    series[0, 300:] = 2.0  # then live data after a gap of 188 slots: one VM every slot ...
+    series[1, 300::2] = 2.0  # ... one every second slot, the third gone
+    panel = Panel(["a", "b", "c"], 0, series, np.ones(3, np.float32), np.ones(3, np.float32))
+    cut = holdout_cut(panel, 150)
+    assert cut == 62  # the 100 live slots and the newest 50 backfilled ones
+    share, gap = held_out_observed(panel, cut)
+    assert gap == 188 and share == pytest.approx((3 * 50 + 100 + 50) / (3 * 150))
+    assert holdout_cut(panel, 100) == 300  # no gap in the newest 100 slots: the plain last 100
+    assert holdout_cut(panel, 250) == 150  # fewer slots with a sample than asked: the plain last 250
+
+
 def test_the_held_out_day_reports_how_much_of_it_holds_samples():
-    """A history whose last day is mostly a gap (workers down) is reported, not silently gated on."""
+    """A last day in which most VMs report now and then is reported, not silently gated on."""
     from training.dataset import CHANNELS, Panel
     from training.retrain import held_out_observed
 
     series = np.full((3, 400, len(CHANNELS)), np.nan, np.float32)
-    series[:, :112] = 1.0  # three VMs with a full first part
-    series[0, 112:400:4] = 2.0  # the held-out part (from slot 112): one VM reports every 4th slot
+    series[:, :400:4] = 1.0  # three VMs, every 4th slot
+    series[0, 112:] = 2.0  # one of them every slot in the held-out part (from slot 112)
     panel = Panel(["a", "b", "c"], 0, series, np.ones(3, np.float32), np.ones(3, np.float32))
-    assert held_out_observed(panel, 112) == pytest.approx(0.25)  # over the VMs alive in it
-    assert held_out_observed(panel, 0) == pytest.approx((112 * 3 + 72) / (400 * 3))
+    assert held_out_observed(panel, 112) == (pytest.approx((288 + 2 * 72) / (3 * 288)), 0)
     series[:, 112:] = np.nan
-    assert np.isnan(held_out_observed(panel, 112))
+    assert np.isnan(held_out_observed(panel, 112)[0])
