@@ -32,8 +32,9 @@ def folds_of_days(model_noise: list[list[float]], seed: int = 0):
                 x[:, FEATURE_NAMES.index(f"{s}_last")] = last[:, j] if s == "cpu" else np.log1p(last[:, j])
             med = np.expm1(x[:, [FEATURE_NAMES.index(f"{s}_last") for s in ("cpu", "dirty", "net")]])  # as read back
             med[:, 0] = y[:, 0] + rng.normal(0, noise, n)
-            X.append(x), Y.append(y), q.append(np.stack([med, med + 1], axis=2)), fold.append(np.full(n, k))
-            vm.append(rng.integers(0, VMS, n)), day.append(np.full(n, len(day)))
+            for acc, part in ((X, x), (Y, y), (q, np.stack([med, med + 1], axis=2)), (fold, np.full(n, k)),
+                              (vm, rng.integers(0, VMS, n)), (day, np.full(n, len(day)))):  # fmt: skip
+                acc.append(part)
     cat = np.concatenate
     return cat(X), cat(Y), cat(q).astype(np.float32), cat(fold), {"vm": cat(vm), "day": cat(day)}
 
