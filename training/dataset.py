@@ -165,11 +165,10 @@ def read_history(url: str, since_ts: float | None = None) -> pd.DataFrame:
 
 def grids_from_history(url: str, slot_s: int = 300, since_ts: float | None = None) -> list[SlotGrid]:
     """Slot grids for every VM of the archive (in this process)."""
-    df = read_history(url, since_ts)
-    return grids_from_frames(((str(vm), g) for vm, g in df.groupby("vm", sort=True)), slot_s)
+    return _grids_by_vm(read_history(url, since_ts), slot_s)
 
 
-def _grids_of_partition(df: pd.DataFrame, slot_s: int) -> list[SlotGrid]:
+def _grids_by_vm(df: pd.DataFrame, slot_s: int) -> list[SlotGrid]:
     return grids_from_frames(((str(vm), g) for vm, g in df.groupby("vm", sort=True)), slot_s)
 
 
@@ -188,7 +187,7 @@ def grid_tasks_from_history(url: str, slot_s: int = 300, n_groups: int = 8) -> l
     ddf = ddf[keep]
     ddf = ddf.shuffle("vm", npartitions=max(1, n_groups))
     parts = ddf.to_delayed()
-    fn = dask.delayed(_grids_of_partition, pure=True)
+    fn = dask.delayed(_grids_by_vm, pure=True)
     return [fn(p, slot_s) for p in parts]
 
 

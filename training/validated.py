@@ -265,8 +265,7 @@ def fit_validated(
     the validation report (splits, MAE per bucket and target of the boosters, the naive forecasts
     and the served blend)."""
     plan = validation_plan(start, end, settings.horizon_slots, settings.window_slots)
-    blend, report = choose_blend(panel, plan, settings, lambda slot: fit_model(panel, slot, settings, cfg, start=start),
-                                 seed=cfg.seed, progress=progress)  # fmt: skip
+    blend, report = choose_blend(panel, plan, settings, _fitter(panel, settings, cfg, start), seed=cfg.seed, progress=progress)
     progress("fit", 0.0)
     model = fit_model(panel, end, settings, cfg, start=start)
     model.blend = blend
@@ -283,10 +282,14 @@ def validate(
     candidate blend (``window_choice`` says which is served) and of the boosters alone. The
     blends were chosen on these same rows, so their figures here are in-sample."""
     plan = validation_plan(start, end, settings.horizon_slots, settings.window_slots)
-    fit_before = lambda slot: fit_model(panel, slot, settings, cfg, start=start)  # noqa: E731
-    _, report = choose_blend(panel, plan, settings, fit_before, seed=cfg.seed, progress=progress,
+    _, report = choose_blend(panel, plan, settings, _fitter(panel, settings, cfg, start), seed=cfg.seed, progress=progress,
                              references={"boosters alone": None})  # fmt: skip
     return report
+
+
+def _fitter(panel: Panel, settings: Any, cfg: BacktestConfig, start: int) -> Callable[[int], Any]:
+    """``fit_before`` for ``choose_blend``: boosters fitted on ``panel`` from ``start`` to a slot."""
+    return lambda slot: fit_model(panel, slot, settings, cfg, start=start)
 
 
 def _bucket_table(per_h: dict[str, list[dict[str, Any]]], slot_s: int) -> dict[str, dict[str, dict[str, float]]]:
