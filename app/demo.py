@@ -30,13 +30,25 @@ from app.worker_process import WorkerProcess, settings_env
 ZHUGE = [sys.executable, "-m", "app.cli"]
 
 
-def _view(settings: Settings, metrics: dict[str, float], model: str, rate: float, top: list[dict], n_vms: int) -> Group:
+LAG = ("zhuge_end_to_end_lag_seconds_sum", "zhuge_end_to_end_lag_seconds_count")
+
+
+def recent_mean(before: dict[str, float], after: dict[str, float], names: tuple[str, str] = LAG) -> float | None:
+    """Mean of what a Prometheus summary (``names``: its sum and count) observed between two
+    scrapes; None when nothing arrived. Why not sum / count: after the demo's backfill of a day
+    the all-time mean end-to-end lag is half a day long after the live samples arrive in seconds."""
+    n = after.get(names[1], 0.0) - before.get(names[1], 0.0)
+    return (after.get(names[0], 0.0) - before.get(names[0], 0.0)) / n if n > 0 else None
+
+
+def _view(
+    settings: Settings, metrics: dict[str, float], model: str, rate: float, lag: float | None, top: list[dict], n_vms: int
+) -> Group:
     stats = Table.grid(padding=(0, 2))
     stats.add_row("samples in", f"{metrics.get('zhuge_samples_in_total', 0):,.0f}", "rate", f"{rate:,.0f}/s")
     stats.add_row("invalid (DLQ)", f"{metrics.get('zhuge_samples_invalid_total', 0):,.0f}", "VMs scored", f"{metrics.get('zhuge_vms_scored_total', 0):,.0f}")
-    lag_n = metrics.get("zhuge_end_to_end_lag_seconds_count", 0)
-    lag = metrics.get("zhuge_end_to_end_lag_seconds_sum", 0) / lag_n if lag_n else 0.0
-    stats.add_row("consumer lag", f"{metrics.get('zhuge_consumer_lag', 0):,.0f} msgs", "mean e2e lag", f"{lag:.1f} s")
+    stats.add_row("consumer lag", f"{metrics.get('zhuge_consumer_lag', 0):,.0f} msgs",
+                  "e2e lag, newest samples", "-" if lag is None else f"{lag:.1f} s")  # fmt: skip
     stats.add_row("model", model, "VMs in Redis", f"{n_vms:,}")
     table = Table(title="best candidates to migrate now", expand=True)
     for col in ("vm", "host", "now ms", "recommended window (UTC)", "window ms", "p_ok", "rule"):
@@ -119,7 +131,8 @@ def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None
         api = ApiProcess.start(settings.replace(api_host="127.0.0.1"), logs / "demo-api.log", port=port)
         console.print(f"[bold]web page and API: {api.url}/[/bold] (OpenAPI at {api.url}/docs)")
         started = time.monotonic()
-        last = (time.monotonic(), 0.0)
+        scraped_at, scraped = time.monotonic(), {}  # the previous scrape: rate and lag are taken since it
+        lag: float | None = None
         with Live(console=console, refresh_per_second=2) as live:
             while duration is None or time.monotonic() - started < duration:
                 time.sleep(2)
@@ -130,14 +143,15 @@ def run_demo(settings: Settings, *, vms: int, hosts: int, duration: float | None
                     m, model = worker.metric_sums(), worker.model_version()
                 except OSError:  # between two scrapes of a busy worker: keep the view alive
                     continue
-                now, total = time.monotonic(), m.get("zhuge_samples_in_total", 0.0)
-                rate = (total - last[1]) / max(1e-6, now - last[0])
-                last = (now, total)
+                now, samples = time.monotonic(), "zhuge_samples_in_total"
+                rate = (m.get(samples, 0.0) - scraped.get(samples, 0.0)) / max(1e-6, now - scraped_at)
+                recent = recent_mean(scraped, m) if scraped else None  # not from 0: the backfill's lag
+                lag, scraped, scraped_at = (lag if recent is None else recent), m, now
                 try:
                     top, n_vms = asyncio.run(_poll_redis(settings))
                 except Exception:  # Redis briefly unavailable: keep the view alive
                     top = []
-                live.update(_view(settings, m, model, rate, top, n_vms))
+                live.update(_view(settings, m, model, rate, lag, top, n_vms))
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:
