@@ -22,7 +22,8 @@ up: the worst overshoot is the longest the event loop was blocked (Kafka
 heartbeats, commits and the metrics endpoint all wait that long). The same
 heartbeat is run alone first (``idle_stall_ms``: what the shared machine costs
 without any snapshot). ``lock_held_s`` is how long a batch arriving meanwhile
-waits for the pipeline lock. Then the file is loaded and restored as a
+waits for the pipeline lock; ``cpu_s`` the process's CPU time (all threads) until the file
+is written, what capacity planning adds per snapshot. Then the file is loaded and restored as a
 rebuilding worker does (``SnapshotStore.load`` + ``Pipeline._restore``) and
 compared with the original, bit for bit.
 """
@@ -161,6 +162,7 @@ class SnapshotRun:
     stall_p99_ms: float
     lock_held_s: float  # a batch arriving meanwhile waits this long
     wall_s: float  # until the file is written
+    cpu_s: float  # CPU time of the process (all threads) until then: what a worker spends on it
     bytes: int
     load_s: float  # SnapshotStore.load (read + decode)
     restore_s: float  # WindowStore.restore (what a rebuilding worker adds)
@@ -204,7 +206,7 @@ async def _one(p: Pipeline, store: WindowStore, path: str) -> SnapshotRun:
     await asyncio.sleep(0.05)
     hb = Heartbeat().start()
     await asyncio.sleep(0.02)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if path == "periodic":  # the end of a batch (Pipeline._process_once), under the lock
         state.last_snapshot = time.monotonic() - p.settings.snapshot_every_s - 1
         state.next_offset += 1  # a batch went through since the last one
@@ -215,7 +217,7 @@ async def _one(p: Pipeline, store: WindowStore, path: str) -> SnapshotRun:
     else:
         await p.snapshot_all()
         held = time.perf_counter() - t0
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     await asyncio.sleep(0.02)
     await hb.stop()
     size = os.path.getsize(file)
@@ -227,7 +229,7 @@ async def _one(p: Pipeline, store: WindowStore, path: str) -> SnapshotRun:
     t3 = time.perf_counter()
     exact = not store_differences(store, back) and pending == state.pending
     del snap, back
-    return SnapshotRun(path, round(hb.worst_ms, 1), round(hb.p99_ms, 2), round(held, 3), round(wall, 3), size,
+    return SnapshotRun(path, round(hb.worst_ms, 1), round(hb.p99_ms, 2), round(held, 3), round(wall, 3), round(cpu, 3), size,
                        round(t2 - t1, 3), round(t3 - t2, 3), exact)  # fmt: skip
 
 
@@ -270,13 +272,13 @@ def format_snapshot_bench(r: SnapshotBench) -> str:
     for run in r.runs:
         lines.append(
             f"  {run.path:8s}: worst loop stall {run.stall_ms:8.1f} ms (p99 {run.stall_p99_ms:6.1f}), lock held "
-            f"{run.lock_held_s:6.2f} s, written in {run.wall_s:6.2f} s, {run.bytes / 1e6:7.1f} MB, load {run.load_s:5.2f} s "
+            f"{run.lock_held_s:6.2f} s, written in {run.wall_s:6.2f} s (CPU {run.cpu_s:6.2f} s), {run.bytes / 1e6:7.1f} MB, load {run.load_s:5.2f} s "
             f"+ restore {run.restore_s:5.2f} s, {'exact' if run.exact else 'NOT EXACT'}"
         )
     for path, m in r.medians().items():
         lines.append(
             f"  median {path}: stall {m['stall_ms']:.1f} ms (worst {m['worst_stall_ms']:.1f}), lock {m['lock_held_s']:.2f} s, "
-            f"wall {m['wall_s']:.2f} s, {m['bytes'] / 1e6:.1f} MB, load+restore {m['load_s'] + m['restore_s']:.2f} s"
+            f"wall {m['wall_s']:.2f} s, CPU {m['cpu_s']:.2f} s, {m['bytes'] / 1e6:.1f} MB, load+restore {m['load_s'] + m['restore_s']:.2f} s"
         )
     lines.append(f"  peak RSS {r.peak_rss_mb:,.0f} MB")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ def test_cli_runs_both_paths_and_the_restore_is_exact(tmp_path):
     r = json.loads(out.output)
     assert [run["path"] for run in r["runs"]] == ["periodic", "shutdown"]
     assert all(run["exact"] and run["bytes"] > 0 for run in r["runs"])
+    assert all(0 < run["cpu_s"] for run in r["runs"])  # the process's CPU until the file is written
     periodic, shutdown = r["runs"]
     assert periodic["bytes"] < shutdown["bytes"]  # deflated where it pays vs stored for a deadline
     assert set(r["median"]) == {"periodic", "shutdown"} and r["snapshot_version"] == SNAPSHOT_VERSION
