@@ -22,9 +22,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(ZHUGE) demo
 
-# Two pytest workers, each test file whole on one of them (module fixtures and order kept): the fault suite's outages are mostly waiting.
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -m "not gpu" -n 2 --dist loadfile --durations=15 tests
+	$(PYTHON) -m pytest -q -m "not gpu" --durations=15 tests
 
 test-unit: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not gpu and not integration" tests
