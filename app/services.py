@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -273,9 +274,34 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, for a child process to bind a moment later.
+
+    It is drawn below the kernel's ephemeral range. A port from ``bind(0)``
+    lies inside that range, so in the gap before the child binds it any
+    outgoing connection (a Kafka or Redis client's) may take it as its local
+    port; a CI run failed that way, the demo worker's /metrics refused with
+    "Address already in use". Outgoing connections never get ports below it.
+    """
+    low, _ = _ephemeral_ports()
+    first = max(10_000, low - 20_000)
+    if low - first >= 1_000:
+        pick = random.Random()
+        for _ in range(200):
+            port = pick.randrange(first, low)
+            if not port_in_use(host, port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; IANA's where unknown)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 def _spawn(args: list[str], cwd: Path, log: Path) -> int:

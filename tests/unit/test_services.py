@@ -323,6 +323,33 @@ def test_client_certificates_are_issued_once_and_foreign_ones_refused(tmp_path):
         svc.client_cert(ca, str(cert), str(key), "ZHUGE_REDIS_SSL", lambda line: None)
 
 
+def test_free_ports_lie_below_the_range_outgoing_connections_draw_from():
+    """A child binds the port a moment later; no client connection may take it as its local port meanwhile."""
+    low, _ = svc._ephemeral_ports()
+    ports = [svc.free_port() for _ in range(50)]
+    assert all(p < low for p in ports), (low, ports)
+    with socket.create_server(("127.0.0.1", ports[0])):
+        pass
+
+
+def test_a_port_someone_listens_on_is_never_handed_out(monkeypatch):
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(svc, "_ephemeral_ports", lambda: (taken + 1, 60999))
+        monkeypatch.setattr(svc.random, "Random", lambda: _Always(taken))
+        assert svc.free_port() != taken
+
+
+class _Always:
+    """A draw that keeps picking one port, to show the probe refuses it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def randrange(self, start: int, stop: int) -> int:
+        return self.port
+
+
 def test_cluster_id_is_kafka_shaped():
     ids = {svc._cluster_id() for _ in range(200)}
     assert len(ids) == 200
