@@ -12,8 +12,9 @@ from streams.sinks.redis_sink import decode_hash, reply_text, top
 
 # the VM score object of the API (the hash's fields, in this order)
 SCORE_FIELDS = (
-    "vm", "host", "now_downtime_ms", "now_p_ok", "now_total_s", "best_start", "best_end", "best_downtime_ms", "p_ok",
-    "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "model", "last_ts", "updated",
+    "vm", "host", "now_downtime_ms", "now_p_ok", "now_total_s", "downtime_factor", "best_start", "best_end",
+    "best_downtime_ms", "p_ok", "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "model",
+    "last_ts", "updated",
 )  # fmt: skip
 
 

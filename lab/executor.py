@@ -4,7 +4,7 @@
 window zhuge publishes for the VM (``best_start`` of ``<prefix>vm:<vm>``, on the
 lab clock); an ISO time waits for that lab-clock time. Right before the migration
 starts, the VM's score in Redis is read: the prediction in force then
-(``now_downtime_ms``, ``now_total_s``, the score's time and model) goes into the
+(``now_downtime_ms``, ``now_total_s``, the correction it includes, its time and model) goes into the
 ``vm.migrations`` record with the outcome, so the learned correction compares
 like with like.
 """
@@ -57,6 +57,7 @@ def prediction_of(score: dict[str, Any] | None) -> dict[str, Any] | None:
     return {
         "predicted_downtime_ms": score.get("now_downtime_ms"),
         "predicted_total_ms": total * 1000 if isinstance(total, float) and total == total and total != float("inf") else None,
+        "predicted_factor": score.get("downtime_factor"),  # None from a score written before the field
         "predicted_at": score.get("updated"), "model": score.get("model"),
     }  # fmt: skip
 

@@ -14,7 +14,8 @@ Message contract (value: one JSON object or a JSON array of objects; key = VM id
 ``link_mbps`` (> 0); optionally, from an executor that knows what zhuge predicted:
 ``total_ms`` (whole migration, >= 0), ``converged`` (bool; false = aborted or forced by
 the management layer's policy), ``predicted_downtime_ms`` / ``predicted_total_ms`` (>= 0,
-the score in force at ``start``), ``predicted_at`` (epoch s, that score's ``updated``),
+the score in force at ``start``), ``predicted_factor`` (> 0, <= 1000, that score's
+``downtime_factor``), ``predicted_at`` (epoch s, that score's ``updated``),
 ``model`` (str, that score's model), ``downtime_limit_ms`` (> 0), ``policy`` (str <= 64).
 Strings without control characters, numbers at most the physical bounds of
 ``streams.schema.Limits`` (``max_downtime_ms`` bounds every ms field ...), ``end`` and
@@ -73,6 +74,7 @@ class Migration(msgspec.Struct):
     converged: bool | None = None  # False: aborted / forced by policy, the pause is not the model's
     predicted_downtime_ms: _NonNeg | None = None  # that score's now_downtime_ms
     predicted_total_ms: _NonNeg | None = None
+    predicted_factor: Annotated[float, Meta(gt=0, le=1000)] | None = None  # that score's downtime_factor
     predicted_at: float | None = None  # that score's ``updated``
     model: _Str | None = None  # that score's model version
     downtime_limit_ms: Annotated[float, Meta(gt=0)] | None = None
@@ -98,6 +100,7 @@ class MigrationBatch:
     converged: np.ndarray  # float64: 1 converged, 0 did not, NaN not reported (treated as converged)
     predicted_downtime_ms: np.ndarray
     predicted_total_ms: np.ndarray
+    predicted_factor: np.ndarray
     predicted_at: np.ndarray
     downtime_limit_ms: np.ndarray
     rejected: list[Rejected] = field(default_factory=list)
@@ -108,7 +111,7 @@ class MigrationBatch:
 
 _migrations = ObjectDecoder(Migration)
 _NUM = ("start", "end", "downtime_ms", "transferred_bytes", "rounds", "link_mbps", "total_ms", "converged",
-        "predicted_downtime_ms", "predicted_total_ms", "predicted_at", "downtime_limit_ms")
+        "predicted_downtime_ms", "predicted_total_ms", "predicted_factor", "predicted_at", "downtime_limit_ms")
 _STR = ("vm", "host_from", "host_to", "model", "policy")
 # column, its name in the message, the Limits field bounding it (every duration in ms: max_downtime_ms, one day)
 _UPPER = (("downtime_ms", "downtime_ms", "max_downtime_ms"), ("transferred_bytes", "bytes", "max_transferred_bytes"),
@@ -440,8 +443,8 @@ async def handle_migrations(
       when the migration started, as the executor saw it): used as is, with no
       Redis read and no staleness check; its host is ``host_from`` only (the
       VM's current score may already be the destination's), "" = fleet factor only;
-    - otherwise the VM's ``now_downtime_ms`` from ``<prefix>vm:<vm>`` (one
-      pipelined read for those VMs), which may have been recomputed since:
+    - otherwise the VM's ``now_downtime_ms`` and ``downtime_factor`` from
+      ``<prefix>vm:<vm>`` (one pipelined read for those VMs), which may have been recomputed since:
       its ``host`` is used when the message has no ``host_from``, and a score
       that cannot be the one in force when the migration ran is skipped
       (``counts["stale"]``): computed from samples newer than ``end`` (already
@@ -454,11 +457,14 @@ async def handle_migrations(
     (``counts["not_converged"]``) and logged.
 
     ``scores_corrected``: the predictions were made by a scorer that applies
-    this correction, so the factor is divided out; it is the factor at handling
-    time, not the one in force at ``start`` or ``predicted_at`` (not recorded
-    anywhere): an approximation, off by what was learned in between, which is
-    little when migrations are reported promptly. Returns the rejections for
-    the DLQ.
+    this correction, so the factor each one was made with is divided out: the
+    score's ``downtime_factor`` (the message's ``predicted_factor``). Why not
+    the factor at handling time: a drain reports a burst of migrations against
+    scores made before any of them; once the first batch of the burst moves the
+    factor (from 1 to 3 where ``min_obs`` is reached), dividing the rest by 3
+    learned 9 (a CI run read 4.35 for 3). Only a score or message without the
+    field (written before it existed) falls back to the factor at handling time.
+    Returns the rejections for the DLQ.
     """
     batch = decode_migrations(raws, keys, now=now, limits=limits)
     correction.counts["rejected"] += len(batch.rejected)
@@ -467,8 +473,9 @@ async def handle_migrations(
     aborted = batch.converged == 0  # NaN (not reported) compares False: today's behaviour
     own = ~aborted & np.isfinite(batch.predicted_downtime_ms)
     need = ~aborted & ~own
-    pred, score_host, last_ts = await _scores(redis_client, prefix, batch.vm, need)
+    pred, score_host, last_ts, made_with = await _scores(redis_client, prefix, batch.vm, need)
     pred = np.where(own, batch.predicted_downtime_ms, pred)
+    made_with = np.where(own, batch.predicted_factor, made_with)
     hosts = [hf or sh for hf, sh in zip(batch.host_from, score_host, strict=True)]  # sh is "" unless read
     has_pred = np.isfinite(pred) & (pred > 0)
     fresh = np.ones(len(batch), bool)
@@ -482,7 +489,10 @@ async def handle_migrations(
     if use.any():
         idx = np.flatnonzero(use)
         h = [hosts[i] for i in idx]
-        applied = correction.factor(h) if scores_corrected else None
+        applied = None
+        if scores_corrected:
+            known = made_with[idx]
+            applied = np.where(np.isfinite(known) & (known > 0), known, correction.factor(h))
         used = await correction.update_shared(redis_client, prefix, h, batch.downtime_ms[idx], pred[idx],
                                               applied=applied)
         correction.counts["used"] += used
@@ -502,29 +512,32 @@ async def handle_migrations(
 
 
 async def _scores(client: Any, prefix: str, vms: list[str],
-                  need: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """``now_downtime_ms``, ``host``, ``last_ts`` of the rows in ``need``: one pipelined read of their VMs.
+                  need: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """``now_downtime_ms``, ``host``, ``last_ts``, ``downtime_factor`` of the rows in ``need``: one
+    pipelined read of their VMs.
 
-    Other rows get NaN / "": a batch whose messages all carry their own
-    prediction costs no round trip.
+    Other rows (and absent numbers) get NaN / "": a batch whose messages all
+    carry their own prediction costs no round trip.
     """
     n = len(vms)
-    pred, last_ts, host = np.full(n, np.nan), np.full(n, np.nan), [""] * n
+    pred, last_ts, factor, host = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), [""] * n
     rows = np.flatnonzero(need).tolist()
     if not rows:
-        return pred, host, last_ts
+        return pred, host, last_ts, factor
     uniq = sorted({vms[i] for i in rows})
     keys = RedisKeys.for_client(client, prefix)
     async with client.pipeline(transaction=False) as pipe:
         for vm in uniq:
-            pipe.hmget(keys.vm(vm), "now_downtime_ms", "host", "last_ts")
+            pipe.hmget(keys.vm(vm), "now_downtime_ms", "host", "last_ts", "downtime_factor")
         got = await pipe.execute()
-    score = {vm: (_num(r[0]), "" if r[1] is None else _text(r[1]), _num(r[2])) for vm, r in zip(uniq, got, strict=True)}
+    score = {vm: (_num(r[0]), "" if r[1] is None else _text(r[1]), _num(r[2]), _num(r[3]))
+             for vm, r in zip(uniq, got, strict=True)}  # fmt: skip
     pred[rows] = [score[vms[i]][0] for i in rows]
     last_ts[rows] = [score[vms[i]][2] for i in rows]
+    factor[rows] = [score[vms[i]][3] for i in rows]
     for i in rows:
         host[i] = score[vms[i]][1]
-    return pred, host, last_ts
+    return pred, host, last_ts, factor
 
 
 def _num(v: Any) -> float:

@@ -285,6 +285,7 @@ class Scorer:
         hosts: list[str] = []
         last_ts: list[np.ndarray] = []
         curves: list[bytes] = []
+        factors: list[np.ndarray] = []
         for i in range(0, len(rows), self.chunk_vms):
             chunk = rows[i : i + self.chunk_vms]
             attrs = store.attrs(chunk)
@@ -307,6 +308,7 @@ class Scorer:
             vms += attrs["vm"]
             hosts += attrs["host"]
             last_ts.append(attrs["last_ts"])
+            factors.append(np.ones(len(chunk)) if factor is None else factor)
         store.mark_scored(rows, now)
 
         def cat(name: str, dtype: Any) -> np.ndarray:
@@ -318,6 +320,7 @@ class Scorer:
             host=hosts,
             **{name: cat(name, dtype) for name, dtype in _COLUMNS.items()},
             last_ts=np.concatenate(last_ts).astype(np.float64) if last_ts else np.zeros(0),
+            downtime_factor=np.concatenate(factors).astype(np.float32) if factors else np.zeros(0, np.float32),
             model=str(model.version),
             updated=float(now),
             curves=curves if self.curves else None,

@@ -31,6 +31,7 @@ SCORE_FIELDS = (
     "now_downtime_ms",
     "now_p_ok",
     "now_total_s",
+    "downtime_factor",
     "model",
     "last_ts",
     "updated",
@@ -53,6 +54,7 @@ class ScoreBatch:
     now_downtime_ms: np.ndarray  # float32, predicted downtime if migrated now
     now_p_ok: np.ndarray  # float32 in [0, 1], p_ok if migrated now
     now_total_s: np.ndarray  # float32, predicted duration (pre-copy + pause) of a migration started now, s
+    downtime_factor: np.ndarray  # float32, the learned correction (streams.migrations) in these downtimes; 1: none
     last_ts: np.ndarray  # float64 epoch s of the newest sample used
     model: str  # model version that produced the batch
     updated: float  # epoch s when the batch was scored
@@ -83,6 +85,7 @@ class ScoreBatch:
             "now_downtime_ms": rounded(self.now_downtime_ms, 3),
             "now_p_ok": rounded(self.now_p_ok, 4),
             "now_total_s": rounded(self.now_total_s, 3),
+            "downtime_factor": rounded(self.downtime_factor, 4),
             "model": [self.model] * n,
             "last_ts": self.last_ts.tolist(),
             "updated": [self.updated] * n,

@@ -13,8 +13,9 @@ from app.context import settings_of
 
 # `zhuge score`: now, the recommended window (best_*) and why, the strict minimum (min_*), provenance
 _FIELDS = (
-    "host", "now_downtime_ms", "now_p_ok", "now_total_s", "best_start", "best_end", "best_downtime_ms", "p_ok",
-    "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "model", "last_ts", "updated",
+    "host", "now_downtime_ms", "now_p_ok", "now_total_s", "downtime_factor", "best_start", "best_end",
+    "best_downtime_ms", "p_ok", "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "model",
+    "last_ts", "updated",
 )  # fmt: skip
 _TIMES = {"best_start", "best_end", "min_start", "min_end", "last_ts", "updated"}
 

@@ -52,7 +52,7 @@ if old_ts and old_ts > tonumber(a[3]) then return 0 end
 redis.call('HSET', KEYS[1],
   'best_start', a[4], 'best_end', a[5], 'best_downtime_ms', a[6], 'now_downtime_ms', a[7],
   'p_ok', a[8], 'window_rule', a[9], 'min_start', a[10], 'min_end', a[11],
-  'min_downtime_ms', a[12], 'min_p_ok', a[13], 'now_p_ok', a[14], 'now_total_s', a[15],
+  'min_downtime_ms', a[12], 'min_p_ok', a[13], 'now_p_ok', a[14], 'now_total_s', a[15], 'downtime_factor', a[16],
   'model', ARGV[1], 'last_ts', a[3], 'updated', ARGV[2], 'host', a[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if #ARGV > 4 then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end

@@ -5,7 +5,7 @@ Layout (DESIGN.md contract, prefix default ``zhuge:``):
 - ``<prefix>vm:<vm>`` hash: best_start, best_end, best_downtime_ms, p_ok
   (the recommended window), window_rule, min_start, min_end, min_downtime_ms,
   min_p_ok (the strict minimum), now_downtime_ms, now_p_ok, now_total_s,
-  model, last_ts, updated, host (``streams.scores`` says what each means)
+  downtime_factor, model, last_ts, updated, host (``streams.scores`` says what each means)
 - ``<prefix>rank:now`` sorted set: vm -> predicted downtime if migrated now (ms)
 - ``<prefix>rank:window`` sorted set: vm -> best_start (the recommended window)
 - ``<prefix>rank:best`` sorted set: vm -> best_downtime_ms (the recommended window's pause;
@@ -56,13 +56,13 @@ CHUNKS_PER_PIPELINE = 5  # pipeline of up to 5k VMs per round trip
 # so Lua never rounds them (its tostring keeps only 14 digits).
 _PACKED = (
     "vm", "host", "last_ts", "best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "p_ok",
-    "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "now_p_ok", "now_total_s",
+    "window_rule", "min_start", "min_end", "min_downtime_ms", "min_p_ok", "now_p_ok", "now_total_s", "downtime_factor",
 )  # fmt: skip
 PER_VM = len(_PACKED)
 _ROUNDED_3 = (  # times (s), downtimes (ms), durations (s): 3 decimals, NaN as inf
     "best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "min_start", "min_end", "min_downtime_ms", "now_total_s",
 )  # fmt: skip
-_PROBABILITIES = ("p_ok", "min_p_ok", "now_p_ok")  # 4 decimals, NaN kept
+_ROUNDED_4 = ("p_ok", "min_p_ok", "now_p_ok", "downtime_factor")  # probabilities and the factor: 4 decimals, NaN kept
 _WRITE_LUA = """
 local prefix, model, updated = ARGV[1], ARGV[2], ARGV[3]
 local a = cjson.decode(ARGV[4])
@@ -70,7 +70,7 @@ local ttl = tonumber(ARGV[5])
 local rank_now, rank_window, rank_best = prefix .. 'rank:now', prefix .. 'rank:window', prefix .. 'rank:best'
 local with_curves = #ARGV > 5
 local written, skipped = 0, 0
-for i = 1, #a, 15 do
+for i = 1, #a, 16 do
   local vm, host, last_ts = a[i], a[i + 1], a[i + 2]
   local key = prefix .. 'vm:' .. vm
   local old = redis.call('HMGET', key, 'last_ts', 'host')
@@ -84,14 +84,14 @@ for i = 1, #a, 15 do
       'p_ok', a[i + 7], 'window_rule', a[i + 8],
       'min_start', a[i + 9], 'min_end', a[i + 10],
       'min_downtime_ms', a[i + 11], 'min_p_ok', a[i + 12],
-      'now_p_ok', a[i + 13], 'now_total_s', a[i + 14],
+      'now_p_ok', a[i + 13], 'now_total_s', a[i + 14], 'downtime_factor', a[i + 15],
       'model', model, 'last_ts', last_ts, 'updated', updated, 'host', host)
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', rank_now, a[i + 6], vm)
     redis.call('ZADD', rank_window, a[i + 3], vm)
     redis.call('ZADD', rank_best, a[i + 5], vm)
     if with_curves then
-      redis.call('SET', prefix .. 'curve:' .. vm, ARGV[6 + (i - 1) / 15], 'EX', ttl)
+      redis.call('SET', prefix .. 'curve:' .. vm, ARGV[6 + (i - 1) / 16], 'EX', ttl)
     end
     local old_host = old[2]
     if old_host and old_host ~= host then
@@ -151,7 +151,7 @@ return removed
 
 _NUMERIC = (
     "best_start", "best_end", "best_downtime_ms", "p_ok", "min_start", "min_end", "min_downtime_ms", "min_p_ok",
-    "now_downtime_ms", "now_p_ok", "now_total_s", "last_ts", "updated",
+    "now_downtime_ms", "now_p_ok", "now_total_s", "downtime_factor", "last_ts", "updated",
 )  # fmt: skip
 
 
@@ -251,7 +251,7 @@ class RedisSink:
             "last_ts": _strings(np.asarray(batch.last_ts, dtype=np.float64)),
             "window_rule": np.asarray(batch.window_rule, dtype=str).tolist(),
         }
-        for name in _PROBABILITIES:
+        for name in _ROUNDED_4:
             cols[name] = _strings(np.round(np.asarray(getattr(batch, name), dtype=np.float64), 4))
         for name in _ROUNDED_3:
             cols[name] = _strings(_nan_to_inf(getattr(batch, name), 3))

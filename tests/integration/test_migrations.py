@@ -124,3 +124,32 @@ async def test_a_message_that_carries_its_prediction_is_learned_against_it(aredi
     assert fresh.observations == 20
     h4, h9 = fresh.factor(["h4", "h9"])
     assert h4 == pytest.approx(2.0) and h9 == pytest.approx(0.5)
+
+
+async def test_a_burst_is_learned_against_the_correction_each_score_was_made_with(aredis):
+    """A drain reports 20 migrations, handled in two batches; the scores in Redis all predate them.
+
+    The first batch lifts the correction from 1 to 3, so the second batch's
+    scores (still the uncorrected ones) must be divided by the factor they were
+    made with, recorded in the hash, not by the 3 in force when they are
+    handled: otherwise the burst learns 9 instead of 3. A score made with a
+    factor of 2 (now 200 ms, so 100 ms uncorrected) that meets 300 ms is a 3 too.
+    """
+    client, prefix = aredis
+    await seed(client, prefix, [f"d{i}" for i in range(20)], "h5", now_ms=100.0)
+    async with client.pipeline(transaction=False) as pipe:
+        for i in range(20):
+            pipe.hset(f"{prefix}vm:d{i}", "downtime_factor", 1.0)
+        await pipe.execute()
+    c = DowntimeCorrection(min_obs=10)
+    kw = dict(correction=c, redis_client=client, prefix=prefix, now=NOW + 60, scores_corrected=True)
+    for part in (range(10), range(10, 20)):
+        assert await handle_migrations([migration(f"d{i}", 300.0) for i in part], None, **kw) == []
+    assert c.counts["used"] == 20
+    assert c.factor(["h5"])[0] == pytest.approx(3.0)
+
+    await seed(client, prefix, ["e0"], "h6", now_ms=200.0)
+    await client.hset(f"{prefix}vm:e0", "downtime_factor", 2.0)
+    assert await handle_migrations([migration("e0", 300.0)], None, **kw) == []
+    state = json.loads(await client.get(prefix + CORRECTION_KEY))
+    assert state["hosts"]["h6"][0] == pytest.approx(np.log(3.0))

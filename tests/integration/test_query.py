@@ -29,7 +29,7 @@ def write_scores(settings: Settings, vms, hosts, now_ms) -> None:
         window_rule=np.full(n, "now"), min_start=start + 7200.0, min_end=start + 8100.0,
         min_downtime_ms=np.full(n, 40.5, np.float32), min_p_ok=np.full(n, 0.95, np.float32),
         now_downtime_ms=np.asarray(now_ms, np.float32), now_p_ok=np.full(n, 0.9, np.float32),
-        now_total_s=np.full(n, 880.0, np.float32), last_ts=np.full(n, T0 - 60.0), model="m-test", updated=T0,
+        now_total_s=np.full(n, 880.0, np.float32), downtime_factor=np.ones(n, np.float32), last_ts=np.full(n, T0 - 60.0), model="m-test", updated=T0,
     )
 
     async def go() -> None:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 CONTRACT_FIELDS = {
     "best_start", "best_end", "best_downtime_ms", "p_ok", "window_rule", "min_start", "min_end", "min_downtime_ms",
-    "min_p_ok", "now_downtime_ms", "now_p_ok", "now_total_s", "model", "last_ts", "updated", "host",
+    "min_p_ok", "now_downtime_ms", "now_p_ok", "now_total_s", "downtime_factor", "model", "last_ts", "updated", "host",
 }  # fmt: skip
 
 
@@ -33,6 +33,7 @@ def scores(vms: list[str], hosts: list[str], *, now_ms, last_ts, model: str = "m
         min_start=min_start, min_end=min_start + 612.345, min_downtime_ms=np.full(n, 38.25, np.float32),
         min_p_ok=np.linspace(0.4, 0.9, n, dtype=np.float32), now_downtime_ms=now_ms,
         now_p_ok=np.linspace(0.3, 0.8, n, dtype=np.float32), now_total_s=np.linspace(7.5, 300.25, n, dtype=np.float32),
+        downtime_factor=np.linspace(0.5, 2.0, n, dtype=np.float32),
         last_ts=np.broadcast_to(np.asarray(last_ts, np.float64), (n,)).copy(), model=model, updated=1.7e9 + 7.0,
     )  # fmt: skip
 
@@ -68,6 +69,7 @@ async def test_contract_keys_and_fields(env):
     assert row["min_downtime_ms"] == 38.25 and row["min_p_ok"] == pytest.approx(0.65, abs=1e-4)
     assert row["now_p_ok"] == pytest.approx(0.55, abs=1e-4)
     assert row["now_total_s"] == pytest.approx(float(batch.now_total_s[1]), abs=1e-3)
+    assert row["downtime_factor"] == pytest.approx(float(batch.downtime_factor[1]), abs=1e-4)
     assert all(isinstance(row[f], float) for f in CONTRACT_FIELDS - {"window_rule", "model", "host"})
     assert await client.zrange(f"{p}rank:now", 0, -1, withscores=True) == [(b"b", 35.5), (b"a", 120.0), (b"c", 900.0)]
     assert await client.zscore(f"{p}rank:window", "c") == batch.best_start[2]

@@ -109,9 +109,10 @@ def test_the_agent_sends_one_array_per_host_keyed_by_the_host():
 
 
 def test_the_executor_takes_the_prediction_in_force_and_waits_for_the_window():
-    score_hash = {"now_downtime_ms": 4800.0, "now_total_s": 19.5, "updated": 1.0, "model": "m1", "best_start": 1e9 + 600}
+    score_hash = {"now_downtime_ms": 4800.0, "now_total_s": 19.5, "downtime_factor": 1.2, "updated": 1.0, "model": "m1",
+                  "best_start": 1e9 + 600}  # fmt: skip
     assert prediction_of(score_hash) == {"predicted_downtime_ms": 4800.0, "predicted_total_ms": 19500.0,
-                                         "predicted_at": 1.0, "model": "m1"}  # fmt: skip
+                                         "predicted_factor": 1.2, "predicted_at": 1.0, "model": "m1"}  # fmt: skip
     assert prediction_of({"now_total_s": math.inf})["predicted_total_ms"] is None  # type: ignore[index]
     assert prediction_of(None) is None
     import time

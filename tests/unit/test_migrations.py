@@ -41,15 +41,17 @@ def test_decodes_every_field_of_a_good_message():
 
 
 EXECUTOR = dict(total_ms=21_500.0, converged=True, predicted_downtime_ms=70.5, predicted_total_ms=19_000,
-                predicted_at=NOW - 75, model="pc-2024.06.1", downtime_limit_ms=300, policy="ramp")
-NEW_NUM = ("total_ms", "converged", "predicted_downtime_ms", "predicted_total_ms", "predicted_at", "downtime_limit_ms")
+                predicted_factor=1.25, predicted_at=NOW - 75, model="pc-2024.06.1", downtime_limit_ms=300,
+                policy="ramp")  # fmt: skip
+NEW_NUM = ("total_ms", "converged", "predicted_downtime_ms", "predicted_total_ms", "predicted_factor", "predicted_at",
+           "downtime_limit_ms")  # fmt: skip
 
 
 def test_decodes_the_executor_fields():
     b = decode_migrations([enc(msg(**EXECUTOR))], now=NOW)
     assert b.rejected == [] and len(b) == 1
     assert b.model == ["pc-2024.06.1"] and b.policy == ["ramp"]
-    assert [getattr(b, f)[0] for f in NEW_NUM] == [21_500.0, 1.0, 70.5, 19_000.0, NOW - 75, 300.0]
+    assert [getattr(b, f)[0] for f in NEW_NUM] == [21_500.0, 1.0, 70.5, 19_000.0, 1.25, NOW - 75, 300.0]
     assert all(getattr(b, f).dtype == np.float64 for f in NEW_NUM)
     aborted = decode_migrations([enc(msg(converged=False, policy="abort"))], now=NOW)
     assert aborted.converged.tolist() == [0.0] and aborted.policy == ["abort"]
@@ -104,6 +106,8 @@ def test_old_format_messages_decode_as_before():
         (msg(predicted_downtime_ms=1e38), "predicted_downtime_ms: must be <= 86400000"),
         (msg(predicted_total_ms=-1), "predicted_total_ms: must be >= 0"),
         (msg(predicted_total_ms=1e12), "predicted_total_ms: must be <= 86400000"),
+        (msg(predicted_factor=0), "predicted_factor: must be > 0"),
+        (msg(predicted_factor=1001), "predicted_factor: must be <= 1000"),
         (msg(predicted_at=1.0), "predicted_at: 1 is before 946684800"),
         (msg(predicted_at=NOW + 601), "predicted_at: 1700000701 is more than 600 s in the future"),
         (msg(predicted_at="yesterday"), "predicted_at: expected number | null, got str"),
@@ -400,6 +404,20 @@ async def test_a_corrected_message_prediction_has_the_current_factor_divided_out
     await handle(redis, c, [msg(downtime_ms=200.0, predicted_downtime_ms=200.0, host_from="h1")],
                  scores_corrected=True)
     assert c.factor(["h1"])[0] == pytest.approx(2.0) and c.observations == 2
+
+
+async def test_the_factor_a_score_was_made_with_is_divided_out_not_the_current_one():
+    """The correction is 2 now; the Redis score (300 ms) was made with 3, the message's prediction (150) with 1.5."""
+    redis = FakeRedis({"a": {**SCORE, "now_downtime_ms": 300.0, "downtime_factor": 3.0}})
+    c = DowntimeCorrection(min_obs=1)
+    c.update(["h1"], [200.0], [100.0])
+    assert c.factor(["h1"])[0] == pytest.approx(2.0)
+    await handle(redis, c, [msg(vm="a", downtime_ms=300.0, host_from="h1"),
+                            msg(vm="b", downtime_ms=300.0, predicted_downtime_ms=150.0, predicted_factor=1.5,
+                                host_from="h1")], scores_corrected=True)  # fmt: skip
+    # both model outputs were 100 ms and both pauses 300: each observation is a 3
+    learned = json.loads(redis.strings[P + CORRECTION_KEY])
+    assert learned["hosts"]["h1"][2] == 2 and learned["hosts"]["h1"][0] == pytest.approx(np.log(3.0))
 
 
 async def test_not_converged_migrations_are_counted_and_logged_but_not_learned(caplog):

@@ -136,6 +136,8 @@ def test_a_correction_that_pushes_now_over_the_target_moves_the_recommendation()
     assert corrected.now_downtime_ms[0] > 300.0 >= corrected.best_downtime_ms[0]  # judged on the corrected pause
     assert corrected.window_rule.tolist() == ["fits"] and slot_of(corrected.best_start[0]) == 7
     assert corrected.now_total_s[0] == plain.now_total_s[0]  # durations are not corrected
+    # each score records the factor it includes, so an observed migration is compared with the model's own output
+    assert plain.downtime_factor.tolist() == [1.0] and corrected.downtime_factor[0] == pytest.approx(1.1)
 
 
 def test_a_migration_that_never_fits_falls_back_to_the_minimum():

@@ -29,6 +29,7 @@ def make_batch(n: int, *, seed: int = 0) -> ScoreBatch:
         now_downtime_ms=rng.uniform(20, 3000, n).astype(np.float32),
         now_p_ok=rng.uniform(0, 1, n).astype(np.float32),
         now_total_s=rng.uniform(5, 500, n).astype(np.float32),
+        downtime_factor=rng.choice([1.0, 1.25], n).astype(np.float32),
         last_ts=1.7e9 - rng.uniform(0, 600, n),
         model="m-20260101-abc",
         updated=1.7e9 + 1.5,
@@ -50,6 +51,7 @@ def test_records_roundtrip_to_the_batch_fields():
     assert rec["min_downtime_ms"] == round(float(batch.min_downtime_ms[4]), 3)
     assert rec["min_p_ok"] == round(float(batch.min_p_ok[4]), 4) and rec["now_p_ok"] == round(float(batch.now_p_ok[4]), 4)
     assert rec["now_total_s"] == round(float(batch.now_total_s[4]), 3)
+    assert rec["downtime_factor"] == round(float(batch.downtime_factor[4]), 4)
 
 
 def test_non_finite_downtime_becomes_json_null():
