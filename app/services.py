@@ -282,7 +282,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     port; a CI run failed that way, the demo worker's /metrics refused with
     "Address already in use". Outgoing connections never get ports below it.
     """
-    low, _ = _ephemeral_ports()
+    low = _first_ephemeral_port()
     first = max(10_000, low - 20_000)
     if low - first >= 1_000:
         pick = random.Random()
@@ -295,13 +295,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for outgoing connections' local ports (Linux; IANA's where unknown)."""
+def _first_ephemeral_port() -> int:
+    """The lowest local port the kernel gives outgoing connections (Linux; IANA's where unknown)."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 49152, 65535
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def _spawn(args: list[str], cwd: Path, log: Path) -> int:

@@ -49,7 +49,7 @@ CHUNK_VMS = 1000  # VMs per EVALSHA: one ~150 KB JSON argument, a ~10 ms script 
 CHUNKS_PER_PIPELINE = 5  # pipeline of up to 5k VMs per round trip
 
 # ARGV: prefix, model, updated, then ONE JSON array of strings holding, per VM,
-# the _PACKED fields in that order (the script's step and a[i + j] offsets follow it),
+# the _PACKED fields in that order (the script's step is PER_VM; its a[i + j] offsets follow the order),
 # the TTL, then optionally one binary curve per VM of the chunk (ARGV[6 ..], in VM order).
 # One packed argument instead of 8 per VM cut a 10k-VM write from ~0.6 s to
 # ~0.15 s (client-side argument encoding dominated); numbers travel as strings
@@ -63,14 +63,14 @@ _ROUNDED_3 = (  # times (s), downtimes (ms), durations (s): 3 decimals, NaN as i
     "best_start", "best_end", "best_downtime_ms", "now_downtime_ms", "min_start", "min_end", "min_downtime_ms", "now_total_s",
 )  # fmt: skip
 _ROUNDED_4 = ("p_ok", "min_p_ok", "now_p_ok", "downtime_factor")  # probabilities and the factor: 4 decimals, NaN kept
-_WRITE_LUA = """
+_WRITE_LUA = f"local step = {PER_VM}\n" + """
 local prefix, model, updated = ARGV[1], ARGV[2], ARGV[3]
 local a = cjson.decode(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local rank_now, rank_window, rank_best = prefix .. 'rank:now', prefix .. 'rank:window', prefix .. 'rank:best'
 local with_curves = #ARGV > 5
 local written, skipped = 0, 0
-for i = 1, #a, 16 do
+for i = 1, #a, step do
   local vm, host, last_ts = a[i], a[i + 1], a[i + 2]
   local key = prefix .. 'vm:' .. vm
   local old = redis.call('HMGET', key, 'last_ts', 'host')
@@ -91,7 +91,7 @@ for i = 1, #a, 16 do
     redis.call('ZADD', rank_window, a[i + 3], vm)
     redis.call('ZADD', rank_best, a[i + 5], vm)
     if with_curves then
-      redis.call('SET', prefix .. 'curve:' .. vm, ARGV[6 + (i - 1) / 16], 'EX', ttl)
+      redis.call('SET', prefix .. 'curve:' .. vm, ARGV[6 + (i - 1) / step], 'EX', ttl)
     end
     local old_host = old[2]
     if old_host and old_host ~= host then

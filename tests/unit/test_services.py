@@ -325,7 +325,7 @@ def test_client_certificates_are_issued_once_and_foreign_ones_refused(tmp_path):
 
 def test_free_ports_lie_below_the_range_outgoing_connections_draw_from():
     """A child binds the port a moment later; no client connection may take it as its local port meanwhile."""
-    low, _ = svc._ephemeral_ports()
+    low = svc._first_ephemeral_port()
     ports = [svc.free_port() for _ in range(50)]
     assert all(p < low for p in ports), (low, ports)
     with socket.create_server(("127.0.0.1", ports[0])):
@@ -335,7 +335,7 @@ def test_free_ports_lie_below_the_range_outgoing_connections_draw_from():
 def test_a_port_someone_listens_on_is_never_handed_out(monkeypatch):
     with socket.create_server(("127.0.0.1", 0)) as held:
         taken = held.getsockname()[1]
-        monkeypatch.setattr(svc, "_ephemeral_ports", lambda: (taken + 1, 60999))
+        monkeypatch.setattr(svc, "_first_ephemeral_port", lambda: taken + 1)
         monkeypatch.setattr(svc.random, "Random", lambda: _Always(taken))
         assert svc.free_port() != taken
 
