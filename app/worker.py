@@ -251,7 +251,9 @@ async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
     )  # fmt: skip
     await until_done(producer.start, f"Kafka at {settings.kafka_bootstrap} (producer)")
     history = HistorySink.from_settings(settings)
-    correction = DowntimeCorrection()
+    redis_sink = RedisSink(settings, redis)
+    # a correction found absent after Redis lost everything is written back, not reset
+    correction = DowntimeCorrection(redis_lost=lambda: redis_sink.lost_since_last_check(worker_id))
     try:
         await correction.load(redis, settings.redis_prefix)  # absent: factor 1 until migrations are observed
     except Exception as exc:  # Redis away at start: factor 1 now, the timer reloads it later
@@ -262,11 +264,12 @@ async def _start_runtime(settings: Settings, worker_id: str) -> WorkerRuntime:
         settings,
         scorer=scorer,
         producer=producer,
-        redis_sink=RedisSink(settings, redis),
+        redis_sink=redis_sink,
         history=history,
         metrics=metrics,
         xp=xp,
         worker_name=worker_id,
+        on_redis_reset=lambda: correction.restore(redis, settings.redis_prefix),
     )
     await pipeline.mark_redis()
     ingest = MetricsIngest(settings, pipeline, metrics, worker_id)

@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Annotated, Any
@@ -225,9 +225,16 @@ class DowntimeCorrection:
     memory of ``1 / alpha`` observations. Kept globally and per source host; a
     host with fewer than ``min_obs`` observations uses the global factor, and
     the global one is 1 until it has ``min_obs`` itself.
+
+    ``redis_lost``: asks whether Redis lost its data since this worker last checked
+    (``RedisSink.lost_since_last_check``). With it, a shared state found absent
+    while Redis lost everything (a restart without persistence, a failover to an
+    empty replica, FLUSHDB) is written back from this worker's copy instead of
+    being taken as an operator's reset (``DEL <prefix>correction``).
     """
 
-    def __init__(self, *, alpha: float = 0.05, min_obs: int = 10, lo: float = 0.2, hi: float = 5.0) -> None:
+    def __init__(self, *, alpha: float = 0.05, min_obs: int = 10, lo: float = 0.2, hi: float = 5.0,
+                 redis_lost: Callable[[], Awaitable[bool]] | None = None) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         if not 0 < lo <= 1 <= hi:
@@ -236,6 +243,7 @@ class DowntimeCorrection:
         self.lo, self.hi = float(lo), float(hi)
         self._log_lo, self._log_hi = math.log(lo), math.log(hi)
         self._state = _State()
+        self._redis_lost = redis_lost
         # used (of which message_prediction) / no_score / stale / not_converged / rejected, for logs and tests
         self.counts: Counter[str] = Counter()
 
@@ -316,10 +324,15 @@ class DowntimeCorrection:
         """Replace the state with the shared one in Redis (the source of truth).
 
         An absent key means nothing learned yet, or an operator deleted it to
-        start over: the state is reset and False returned. An invalid document
-        is logged and ignored (state kept, False).
+        start over: the state is reset and False returned, unless Redis lost
+        everything (``redis_lost``), when this state is written back and kept
+        (True). An invalid document is logged and ignored (state kept, False).
         """
         raw = await client.get(prefix + CORRECTION_KEY)
+        if raw is None and await self._lost_with_redis():
+            if await self.restore(client, prefix):
+                return True
+            raw = await client.get(prefix + CORRECTION_KEY)  # another worker wrote its copy back first
         if raw is None:
             self._state = _State()
             return False
@@ -329,6 +342,24 @@ class DowntimeCorrection:
             log.warning("ignoring invalid %s%s in Redis: %s", prefix, CORRECTION_KEY, exc)
             return False
         return True
+
+    async def restore(self, client: Any, prefix: str) -> bool:
+        """Write this state to Redis where the key is absent (SET NX); True when written.
+
+        After Redis came back empty: every worker holds the same shared state (they
+        reload it), the first to write wins, the others then load it.
+        """
+        if self.observations == 0:
+            return False
+        written = bool(await client.set(prefix + CORRECTION_KEY, self.to_json(), nx=True))
+        if written:
+            log.warning("%s%s was lost with the rest of Redis: wrote this worker's copy back (%d observations)",
+                        prefix, CORRECTION_KEY, self.observations)
+        return written
+
+    async def _lost_with_redis(self) -> bool:
+        """An absent shared state went with everything else in Redis (and this worker holds one)."""
+        return self.observations > 0 and self._redis_lost is not None and await self._redis_lost()
 
     async def save(self, client: Any, prefix: str) -> None:
         """Overwrite the shared state with this one (``update_shared`` merges instead)."""
@@ -351,7 +382,9 @@ class DowntimeCorrection:
                     await pipe.watch(key)
                     raw = await pipe.get(key)
                     base = _State()  # absent: nothing learned yet (or deleted to start over)
-                    if raw is not None:
+                    if raw is None and await self._lost_with_redis():
+                        base = self._state  # ... or lost with the rest of Redis: go on from this copy
+                    elif raw is not None:
                         try:
                             base = _parse_state(raw)
                         except ValueError as exc:

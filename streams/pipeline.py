@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,7 @@ class Pipeline:
         partition_log: Callable[[int], Any] | None = None,
         snapshots: SnapshotStore | None = None,
         worker_name: str | None = None,
+        on_redis_reset: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
@@ -144,6 +145,7 @@ class Pipeline:
         self._history_retry_at = 0.0  # monotonic time before which a failed archive is not retried
         self.worker_name = worker_name  # for the Redis marker that tells a Redis restarted empty
         self._last_resync_check = -RESYNC_CHECK_S
+        self._on_redis_reset = on_redis_reset  # shared state to write back once Redis came back empty
         self._lock = asyncio.Lock()
         self._snapshot_task: asyncio.Task[None] | None = None  # the snapshot file being written, if any
 
@@ -388,6 +390,11 @@ class Pipeline:
             return
         if held:
             return
+        if self._on_redis_reset is not None:
+            try:
+                await self._on_redis_reset()
+            except Exception as exc:  # Redis away again: the readers of that state repair it too
+                log.warning("writing shared state back to Redis failed (%s: %s)", type(exc).__name__, exc)
         vms = 0
         for state in self.partitions.values():
             rows = state.store.active_rows()

@@ -252,6 +252,12 @@ class ClusterRedisSink(RedisSink):
             await self._pipeline(lambda pipe: [pipe.expire(key, self.ttl_s) for key in kept])
         return not any(created)
 
+    async def lost_since_last_check(self, worker: str) -> bool:
+        """``RedisSink.lost_since_last_check``: any primary without this worker's marker counts."""
+        keys = [self.keys.worker(worker, tag) for tag in await self._marker_tags()]
+        present = await self._pipeline(lambda pipe: [pipe.exists(key) for key in keys])
+        return not all(int(p) for p in present)
+
     async def _marker_tags(self) -> list[str]:
         """One hash tag per primary (``m<i>`` hashing to a slot it serves), recomputed when the primaries change."""
         await self.client.initialize()

@@ -288,6 +288,15 @@ class RedisSink:
             await self.client.expire(key, self.ttl_s)
         return not created
 
+    async def lost_since_last_check(self, worker: str) -> bool:
+        """True when this worker's marker is gone: Redis lost what it held since the last check.
+
+        Unlike ``held_since_last_check`` it sets nothing, so the check that re-scores
+        the worker's VMs still sees the loss. Readers of shared state use it to tell a
+        key an operator deleted from one that went with everything else.
+        """
+        return not await self.client.exists(self.keys.worker(worker))
+
     async def prune(self, count: int = 1000) -> int:
         """One sweep over the ranks and host sets: members whose hash expired are removed; returns how many.
 

@@ -16,10 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.settings import Settings
 from app.worker_process import WorkerProcess, settings_env
+from streams.migrations import CORRECTION_KEY, DowntimeCorrection
 from tests.faults.support import (
     Agent, FaultStack, fleet_messages, log_windows, scored_newest, through_outage, wait_until,
 )
@@ -27,6 +29,15 @@ from tests.fuzz_messages import fuzz_messages, newest_per_vm
 from tests.integration.worker_support import assert_same_windows, newest_ts, produce, snapshot_windows
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(420)]
+
+
+def redis_call(settings: Settings, command: str, *args: object) -> object:
+    """One command on the fault stack's Redis, on a connection of its own."""
+    client = settings.redis_client(asyncio=False)
+    try:
+        return getattr(client, command)(*args)
+    finally:
+        client.close()
 
 
 def report(name: str, **figures: object) -> None:
@@ -124,11 +135,21 @@ def test_the_broker_stopped_60_s_while_the_agent_keeps_sending_then_the_same_wor
 def test_redis_killed_for_45_s_under_load_then_the_same_worker_scores_every_vm_and_loses_nothing(
     fault_stack: FaultStack, fault_settings: Settings, tmp_path: Path
 ) -> None:
+    learned = DowntimeCorrection()  # a correction learned from 20 migrations at 3x their prediction
+    learned.update(["h"] * 20, np.full(20, 300.0), np.full(20, 100.0))
+    redis_call(fault_settings, "set", fault_settings.redis_prefix + CORRECTION_KEY, learned.to_json())
     run = through_outage(fault_stack, fault_settings, tmp_path / "worker.log", service="redis", kill=True, outage_s=45)
     try:  # Redis is back empty (no persistence): the worker must write what it holds again
         run.agent.join(90)
         took = wait_until(lambda: scored_newest(fault_settings, newest_ts(run.messages)) == 30,
                           "every VM scored at its newest sample", 60, run.worker)  # fmt: skip
+        wait_until(lambda: redis_call(fault_settings, "get", fault_settings.redis_prefix + CORRECTION_KEY),
+                   "the learned correction written back", 45, run.worker)  # fmt: skip
+        back = DowntimeCorrection.from_json(redis_call(fault_settings, "get", fault_settings.redis_prefix + CORRECTION_KEY))
+        assert back.observations == 20 and back.global_factor() == pytest.approx(3.0)
+        vm = next(iter(newest_ts(run.messages)))
+        factor = redis_call(fault_settings, "hget", f"{fault_settings.redis_prefix}vm:{vm}", "downtime_factor")
+        assert float(factor) == pytest.approx(3.0), "scores after the outage must still carry the correction"
         report("redis-outage-45s", scored_after_return_s=round(time.monotonic() - run.back, 2), wait_after_agent_s=round(took, 2),
                redis_errors=run.worker.counter("zhuge_redis_errors_total"), **run.during)  # fmt: skip
         assert run.worker.proc.pid == run.pid and run.worker.proc.poll() is None, "the worker restarted"

@@ -11,6 +11,7 @@ import pytest
 
 from app.settings import Settings
 from streams.migrations import CORRECTION_KEY, DowntimeCorrection, handle_migrations
+from streams.sinks.redis_sink import RedisSink
 
 NOW = 1_700_000_000.0
 
@@ -96,6 +97,38 @@ async def test_deleting_the_shared_state_resets_every_worker(aredis):
     await client.delete(prefix + CORRECTION_KEY)
     assert not await c.load(client, prefix)
     assert c.global_factor() == 1.0 and c.observations == 0
+
+
+async def test_a_correction_lost_with_the_rest_of_redis_is_written_back_not_reset(services: Settings, aredis):
+    """Redis restarted empty (simulated: every key of the prefix gone, this worker's marker with them).
+
+    A worker that held the state writes it back at its next reload, and a
+    migration folded in before that goes on from it; only an absent correction
+    *beside* a surviving marker is an operator's ``DEL``, and resets.
+    """
+    client, prefix = aredis
+    sink = RedisSink(services.replace(redis_prefix=prefix), client)
+    await sink.held_since_last_check("w1")  # the worker's marker, as at its start
+    c = DowntimeCorrection(min_obs=10, redis_lost=lambda: sink.lost_since_last_check("w1"))
+    await c.update_shared(client, prefix, ["h"] * 20, np.full(20, 300.0), np.full(20, 100.0))
+
+    async def lose_everything() -> None:
+        await client.delete(*[k async for k in client.scan_iter(match=prefix + "*")])
+
+    await lose_everything()
+    assert await c.load(client, prefix)
+    assert c.global_factor() == pytest.approx(3.0)
+    assert await DowntimeCorrection().load(client, prefix), "the state must be back in Redis for every worker"
+
+    await lose_everything()
+    await c.update_shared(client, prefix, ["h"], [300.0], [100.0])
+    fresh = DowntimeCorrection(min_obs=10)
+    assert await fresh.load(client, prefix) and fresh.observations == 21
+
+    await sink.held_since_last_check("w1")  # the marker is back (the worker's own check re-scores its VMs)
+    await client.delete(prefix + CORRECTION_KEY)
+    assert not await c.load(client, prefix)
+    assert c.observations == 0 and c.global_factor() == 1.0
 
 
 async def test_a_message_that_carries_its_prediction_is_learned_against_it(aredis):

@@ -166,7 +166,9 @@ async def test_forget_prune_and_markers(cenv) -> None:
     assert await sink.held_since_last_check("w1")
     markers = [x async for x in client.scan_iter(match=f"{settings.redis_prefix}worker:*")]
     assert len(markers) == 3 and len({client.get_node_from_key(m).name for m in markers}) == 3
+    assert not await sink.lost_since_last_check("w1")
     await client.delete(markers[1])
+    assert await sink.lost_since_last_check("w1") and await sink.lost_since_last_check("w1"), "asking sets nothing"
     assert not await sink.held_since_last_check("w1")
     assert await sink.held_since_last_check("w1")
 

@@ -131,7 +131,7 @@ def as_records(log: list[LogRecord], partition: int = 0) -> list[Record]:
 
 
 def make_pipeline(settings: Settings, log: list[LogRecord], *, producer=None, redis=None, clock=None,  # noqa: ANN001
-                  scorer=None, metrics=None, begin=None, history=None) -> Pipeline:  # fmt: skip
+                  scorer=None, metrics=None, begin=None, history=None, on_redis_reset=None) -> Pipeline:  # fmt: skip
     return Pipeline(
         settings,
         worker_name="w0",
@@ -142,6 +142,7 @@ def make_pipeline(settings: Settings, log: list[LogRecord], *, producer=None, re
         clock=clock or Clock(),
         partition_log=lambda p: ListPartitionLog(log, begin=begin),
         history=history,
+        on_redis_reset=on_redis_reset,
     )
 
 
@@ -272,14 +273,21 @@ async def test_a_redis_that_came_back_empty_gets_every_held_vm_scored_again(tmp_
     settings = make_settings(tmp_path)
     log = fleet_log(5, 2)
     redis = FakeRedisSink()
-    p = make_pipeline(settings, log, redis=redis)
+    resets: list[str] = []
+
+    async def write_shared_state_back() -> None:
+        resets.append("correction")
+
+    p = make_pipeline(settings, log, redis=redis, on_redis_reset=write_shared_state_back)
     await p.process(as_records(log))
     assert await p.flush_due() == 0  # nothing new, Redis holds everything
+    assert resets == []
     redis.scores.clear()
     redis.held = False  # restarted without persistence
     p._last_resync_check = -1e9
     assert await p.flush_due() == 5
     assert set(redis.scores) == {f"vm{i}" for i in range(5)}
+    assert resets == ["correction"], "the shared state the worker holds must be written back once"
 
 
 # ---------------------------------------------------------------------------------------- failures
