@@ -83,6 +83,11 @@ class WorkerMetrics:
             "(training.blend.NAIVE: last, yday, prof, week, mean); no series without a blend",
             ["target", "bucket", "naive"], registry=r,
         )  # fmt: skip
+        self.window_quantile = Gauge(
+            "zhuge_model_window_quantile",
+            "Dirty-rate quantile the migration-window search reads (0.9 or 0.5, chosen on validation window regret)",
+            registry=r,
+        )  # fmt: skip
 
         self._lock = threading.Lock()
         self._model_created: float | None = None
@@ -108,12 +113,14 @@ class WorkerMetrics:
 
     def set_blend(self, model: Any) -> None:
         """Publish the served model's blend (``training.blend``) as ``zhuge_model_weight`` (1 without
-        one) and ``zhuge_model_partner`` (which naive forecast it leans on)."""
+        one), ``zhuge_model_partner`` (which naive forecast it leans on) and
+        ``zhuge_model_window_quantile``."""
         from gpu_kernels.accuracy import BUCKET_NAMES, bucket_index
         from gpu_kernels.features import TARGETS
-        from training.blend import NAIVE
+        from training.blend import NAIVE, WINDOW_QUANTILES
 
         blend = getattr(model, "blend", None)
+        self.window_quantile.set(blend.window_quantile if blend is not None else WINDOW_QUANTILES[0])
         bucket = None if blend is None else bucket_index(np.asarray(blend.horizons) * model.slot_s)
         self.model_partner.clear()
         for target in TARGETS:

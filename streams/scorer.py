@@ -7,9 +7,11 @@ One micro-batch step, on whichever device the store lives (NumPy or CuPy):
 2. migration bandwidth per slot = link - (the VM's own q90 network forecast +
    the other VMs' latest observed network on its host), floored at 10% of the
    link (a migration always gets some share: QoS / reserved migration class);
-3. downtime per slot from the pre-copy model at the upper (q90) dirty rate, and
-   ``p_ok`` per slot from the two dirty-rate quantiles; per start slot, the
-   worst of each over the slots a migration started there covers;
+3. downtime per slot from the pre-copy model at the dirty-rate quantile the
+   model's blend chose on validation (``window_quantile``: the median or q90;
+   q90 for a model without one), and ``p_ok`` per slot from the two dirty-rate
+   quantiles; per start slot, the worst of each over the slots a migration
+   started there covers;
 4. two windows (``gpu_kernels.window``): the recommended one (``best_*``,
    ``p_ok``, ``window_rule``: the earliest nearly-minimal start that fits the
    target with ``p_ok >= window_min_p_ok``) and the strict minimum (``min_*``);
@@ -150,7 +152,9 @@ def score_windows(
     mem = xp.where(xp.isnan(mem), xp.asarray(attrs["mem_total_mb"], dtype=xp.float32), mem)[:, None]
 
     wss = xp.asarray(attrs["wss_mb"], dtype=xp.float32)[:, None] if "wss_mb" in attrs else None
-    pc = precopy_with(params, mem, dirty90, bw, xp, wss)
+    # which quantile the downtime (and so every window) reads: the blend's validated choice
+    dirty_w = dirty50 if getattr(model, "window_quantile", 0.9) == 0.5 else dirty90
+    pc = precopy_with(params, mem, dirty_w, bw, xp, wss)
     dur_slots = xp.ceil(xp.nan_to_num(pc.duration_s, nan=slot_s) / slot_s)
     dur_slots = xp.clip(dur_slots, 1, horizon_slots).astype(xp.int64)
     downtime, p_target_ms = pc.downtime_ms, params.downtime_target_ms

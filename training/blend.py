@@ -40,6 +40,10 @@ NAIVE: tuple[str, ...] = ("last", "yday", "prof", "week", "mean")
 WEIGHTS: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 SPREADS: tuple[float, ...] = tuple(np.round(np.geomspace(0.25, 4.0, 41), 3))
 COVERAGE_GOAL = 0.9
+#: Dirty-rate quantiles the migration-window search may read (``streams.scorer.score_windows``),
+#: the default first; which one is chosen on the validation folds' window regret
+#: (``training.validated.choose_blend``).
+WINDOW_QUANTILES: tuple[float, ...] = (0.9, 0.5)
 BLOCKS = 200  # row blocks for the standard error of a validation MAE difference (``one_se_choice``)
 _PREFERRED = [NAIVE.index("last"), *(k for k, n in enumerate(NAIVE) if n != "last")]  # simplest first
 
@@ -47,16 +51,19 @@ _PREFERRED = [NAIVE.index("last"), *(k for k, n in enumerate(NAIVE) if n != "las
 @dataclass(frozen=True)
 class Blend:
     """Per target: ``weight[h]`` of the model and ``naive[h]`` (index into ``NAIVE``) per grid horizon,
-    ``spread[b]`` of the q90 - q50 gap per horizon band."""
+    ``spread[b]`` of the q90 - q50 gap per horizon band; ``window_quantile``: the dirty-rate quantile
+    the window search reads (absent in manifests before it: 0.9)."""
 
     horizons: tuple[int, ...]
     weight: dict[str, tuple[float, ...]]
     naive: dict[str, tuple[str, ...]]
     spread: dict[str, tuple[float, ...]]
+    window_quantile: float = WINDOW_QUANTILES[0]
 
     def as_dict(self) -> dict[str, Any]:
         return {"horizons": list(self.horizons), "weight": {t: list(v) for t, v in self.weight.items()},
-                "naive": {t: list(v) for t, v in self.naive.items()}, "spread": {t: list(v) for t, v in self.spread.items()}}  # fmt: skip
+                "naive": {t: list(v) for t, v in self.naive.items()}, "spread": {t: list(v) for t, v in self.spread.items()},
+                "window_quantile": self.window_quantile}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Blend:
@@ -66,7 +73,10 @@ class Blend:
             weight={t: tuple(float(w) for w in d["weight"][t]) for t in TARGETS},
             naive={t: tuple(str(n) for n in d["naive"][t]) for t in TARGETS},
             spread={t: tuple(float(s) for s in d["spread"][t]) for t in TARGETS},
+            window_quantile=float(d.get("window_quantile", WINDOW_QUANTILES[0])),
         )
+        if blend.window_quantile not in WINDOW_QUANTILES:
+            raise ValueError(f"blend: window_quantile must be one of {WINDOW_QUANTILES}, got {blend.window_quantile}")
         for t in TARGETS:
             if len(blend.weight[t]) != len(horizons) or len(blend.naive[t]) != len(horizons):
                 raise ValueError(f"blend for {t}: one weight and one naive method per horizon needed")

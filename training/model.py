@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gpu_kernels.features import FEATURE_NAMES, FEATURE_SPEC_HASH, QUANTILES, TARGETS
-from training.blend import Blend, apply_blend
+from training.blend import WINDOW_QUANTILES, Blend, apply_blend
 from training.fit import BAND_EDGES_H
 
 MANIFEST = "manifest.json"
@@ -99,6 +99,11 @@ class ForecastModel:
                 for booster in boosters:
                     booster.set_param({"nthread": int(n)})
         return self
+
+    @property
+    def window_quantile(self) -> float:
+        """The dirty-rate quantile the migration-window search reads (chosen with the blend)."""
+        return self.blend.window_quantile if self.blend is not None else WINDOW_QUANTILES[0]
 
     def predict(self, X: Any, device: str | None = None) -> Any:
         """Raw-scale quantiles ``(n, 3, 2)`` float32 on ``X``'s device, q90 >= q50 >= 0: the boosters'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,24 @@ def test_the_blend_travels_in_the_manifest_and_a_bad_one_is_refused(tmp_path: Pa
     man_path.write_text(json.dumps(man))
     with pytest.raises(ModelRejected, match="blend"):
         ForecastModel.load(str(tmp_path / "m"))
+
+
+def test_the_window_quantile_travels_with_the_blend_and_older_manifests_read_q90(tmp_path: Path) -> None:
+    X, Y = rows(3000, 4)
+    boosters = fit_forecaster(X, Y, n_estimators=3, max_depth=2, nthread=1)
+    blend, _ = fit_blend(np.zeros((X.shape[0], len(TARGETS), 2), np.float32), X, Y, HORIZONS, SLOT, BAND_EDGES_H)
+    ForecastModel("b-1", boosters, HORIZONS, SLOT, blend=replace(blend, window_quantile=0.5)).save(str(tmp_path / "m"))
+    assert ForecastModel.load(str(tmp_path / "m")).window_quantile == 0.5
+    man_path = tmp_path / "m" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    del man["blend"]["window_quantile"]  # as written before the window search had a choice
+    man_path.write_text(json.dumps(man))
+    assert ForecastModel.load(str(tmp_path / "m")).window_quantile == 0.9
+    man["blend"]["window_quantile"] = 0.7
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(ModelRejected, match="window_quantile"):
+        ForecastModel.load(str(tmp_path / "m"))
+    assert ForecastModel("b-2", boosters, HORIZONS, SLOT).window_quantile == 0.9  # boosters alone
 
 
 def test_blend_from_dict_rejects_unknown_naive_methods() -> None:

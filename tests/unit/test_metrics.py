@@ -125,6 +125,7 @@ def test_every_dashboard_query_references_exported_series():
 
 
 def test_model_weight_says_where_the_naive_forecast_is_served(served):
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from gpu_kernels.features import TARGETS
@@ -136,7 +137,8 @@ def test_model_weight_says_where_the_naive_forecast_is_served(served):
     far = [1.0 if x * 300 <= 6 * 3600 else 0.0 for x in h]  # the naive forecast alone beyond 6 h
     partner = tuple("mean" if x * 300 > 12 * 3600 else "last" for x in h)  # the day's mean from 12 h on
     blend = Blend(h, {t: tuple(far) for t in TARGETS}, {t: partner for t in TARGETS}, {t: (1.0,) * 3 for t in TARGETS})
-    m.set_blend(SimpleNamespace(blend=blend, slot_s=300))
+    m.set_blend(SimpleNamespace(blend=replace(blend, window_quantile=0.5), slot_s=300))
+    assert scrape(server.port)["zhuge_model_window_quantile"].samples[0].value == 0.5
     got = {(s.labels["target"], s.labels["bucket"]): s.value for s in scrape(server.port)["zhuge_model_weight"].samples}
     assert got[("cpu_pct", "1h")] == 1.0 and got[("cpu_pct", "6h")] == 1.0 and got[("net_mbps", "24h")] == 0.0
     share = {(s.labels["target"], s.labels["bucket"], s.labels["naive"]): s.value
@@ -146,4 +148,5 @@ def test_model_weight_says_where_the_naive_forecast_is_served(served):
     assert share[("dirty_mbps", "24h", "mean")] == pytest.approx(sum(x * 300 > 12 * 3600 for x in at_24h) / len(at_24h))
     m.set_blend(SimpleNamespace(blend=None, slot_s=300))  # boosters alone
     assert all(s.value == 1.0 for s in scrape(server.port)["zhuge_model_weight"].samples)
+    assert scrape(server.port)["zhuge_model_window_quantile"].samples[0].value == 0.9
     assert "zhuge_model_partner" not in scrape(server.port) or not scrape(server.port)["zhuge_model_partner"].samples

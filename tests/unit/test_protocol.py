@@ -11,7 +11,8 @@ from app.settings import Settings
 from training.dataset import Panel
 from training.evaluate import BacktestConfig
 from training.protocol import Protocol, parse_days, run_protocol, train_range, validate_only
-from training.validated import CANDIDATES, validation_plan
+from training.blend import WINDOW_QUANTILES
+from training.validated import CANDIDATES, validation_plan, window_label
 
 SETTINGS = Settings.from_env({})
 CFG = BacktestConfig(n_estimators=4, max_depth=2, max_train_rows=5000, train_origin_every=24, test_origin_every=48, nthread=1)
@@ -101,7 +102,8 @@ def test_validation_only_reads_nothing_after_the_training_range() -> None:
     b = validate_only(poisoned, SETTINGS, CFG, Protocol("holdout"))
     assert a["mae"] == b["mae"] and a["blend"] == b["blend"] and a["se_rule"] == b["se_rule"]
     # the window regret of the candidate blends and of the boosters alone, on the validation folds alone
-    assert set(a["regret_ms"]) == {*CANDIDATES, "boosters alone"} and a["window_choice"] in CANDIDATES
+    windows = {window_label(name, wq) for wq in WINDOW_QUANTILES for name in CANDIDATES}
+    assert set(a["regret_ms"]) == {*windows, "boosters alone"} and a["window_choice"] in windows
     assert a["regret_ms"] == b["regret_ms"] and all(r["origins"] > 0 for r in a["regret_ms"].values())
     from training.report import validation_table
 
@@ -110,9 +112,16 @@ def test_validation_only_reads_nothing_after_the_training_range() -> None:
     assert "| blend rule checked forward (MAE on each next fold) | 1 x SE | 0 x SE | taken |" in text
 
 
-@pytest.mark.parametrize("shape_gain_ms, served", [(0.0, "nearest naive"), (5.0, "model shape for windows")])
-def test_the_blend_with_clearly_better_windows_on_the_folds_is_served(monkeypatch, shape_gain_ms, served) -> None:
-    """Ties (and gains within noise) go to the blend nearest the naive forecasts."""
+@pytest.mark.parametrize("better, served, window_quantile", [
+    (None, "nearest naive, q90", 0.9),
+    ("model shape for windows, q90", "model shape for windows, q90", 0.9),
+    ("nearest naive, q50", "nearest naive, q50", 0.5),
+])  # fmt: skip
+def test_the_window_candidate_with_clearly_better_windows_on_the_folds_is_served(
+    monkeypatch, better, served, window_quantile
+) -> None:
+    """Ties (and gains within noise) go to the blend nearest the naive forecasts, its windows on q90;
+    the served model's window search reads the quantile of the candidate chosen."""
     import training.validated as validated
     from training.evaluate import fit_model
 
@@ -125,9 +134,11 @@ def test_the_blend_with_clearly_better_windows_on_the_folds_is_served(monkeypatc
         rng = np.random.default_rng(0)
         base = rng.uniform(1, 20, out.at.shape[0])
         rows = {name: base + rng.normal(0, 0.1, base.size) for name in blends}
-        rows["model shape for windows"] -= shape_gain_ms
+        if better is not None:
+            rows[better] -= 5.0
         return validated.FoldRegret(rows, out.at, out.summary)
 
     monkeypatch.setattr(validated, "fold_regret", fold_regret)
     blend, report = validated.choose_blend(panel, plan, SETTINGS, lambda slot: fit_model(panel, slot, SETTINGS, CFG))
     assert report["window_choice"] == served and report["blend"] == blend.as_dict()
+    assert blend.window_quantile == report["window_quantile"] == window_quantile

@@ -97,6 +97,33 @@ def test_best_window_is_the_valley_and_now_is_the_first_slot():
     assert batch.last_ts[0] == T0 + 10.0 and batch.updated == T0 + 20
 
 
+class BurstyValleyModel(ValleyModel):
+    """The median dips in the valley but the q90 stays high everywhere: a bursty VM's forecast."""
+
+    def __init__(self, valley_slot, window_quantile, **kw):
+        super().__init__(valley_slot, **kw)
+        self.window_quantile = window_quantile
+
+    def predict(self, X, device="cpu"):
+        out = super().predict(X, device)
+        out[:, TARGETS.index("dirty_mbps"), 1] = self.high * 1.2
+        return out
+
+
+def test_the_window_search_reads_the_dirty_rate_quantile_the_model_chose():
+    """On q90 every slot looks the same and the search starts at once; on the median it finds the valley."""
+    s = settings()
+    store = WindowStore(s.window_slots, s.slot_s, s.vm_ttl_s)
+    rows = fill(store, ["a"], ["h1"])
+    on = {wq: Scorer(s, lambda wq=wq: BurstyValleyModel(8, wq, horizons=np.arange(1, 25))).score(store, rows, now=T0 + 20)
+          for wq in (0.9, 0.5)}  # fmt: skip
+    assert slot_of(on[0.9].min_start[0]) == 0
+    assert on[0.9].min_downtime_ms[0] == pytest.approx(ref_downtime_ms(8192.0, 1080.0, 1250.0), rel=1e-4)
+    assert slot_of(on[0.5].min_start[0]) == 7  # horizon 8 = the eighth slot from now
+    assert on[0.5].min_downtime_ms[0] == pytest.approx(ref_downtime_ms(8192.0, 20.0, 1250.0), rel=1e-4)
+    assert on[0.5].now_p_ok[0] == on[0.9].now_p_ok[0], "p_ok reads both quantiles whatever the search reads"
+
+
 def score_one(model, correction=None, **settings_kw):
     s = settings(**settings_kw)
     store = WindowStore(s.window_slots, s.slot_s, s.vm_ttl_s)
