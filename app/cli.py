@@ -38,6 +38,8 @@ def _global_options(
         )
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from exc
+    for line in Settings.unknown_env():
+        typer.echo(f"warning: {line}", err=True)
 
 
 for area in (services, produce, worker, query, api, models, bench, demo, lab, agent):

@@ -8,6 +8,7 @@ variables ``ZHUGE_<FIELD>`` (upper-case field name), then explicit overrides
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,10 @@ from typing import Any, Literal
 Device = Literal["auto", "cpu", "gpu"]
 
 ENV_PREFIX = "ZHUGE_"
+# ZHUGE_* variables read by tools, scripts and tests rather than by Settings: not reported as unknown
+TOOL_ENV = frozenset({"ZHUGE_LAB_TRACES", "ZHUGE_DATA_DIR", "ZHUGE_SAN", "ZHUGE_KEY_PASS", "ZHUGE_CHROMIUM",
+                      "ZHUGE_CHROMEDRIVER", "ZHUGE_REQUIRE_BROWSER", "ZHUGE_SCREENSHOT_DIR"})  # fmt: skip
+TOOL_ENV_PREFIXES = ("ZHUGE_TEST_", "ZHUGE_GPU_")
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -190,6 +195,25 @@ class Settings:
         settings = cls(**values)
         settings.validate()
         return settings
+
+    @classmethod
+    def unknown_env(cls, env: Mapping[str, str] | None = None) -> list[str]:
+        """One line per ``ZHUGE_*`` variable that names no setting, with the nearest one.
+
+        Why: a mistyped name (``ZHUGE_KAFKA`` for ``ZHUGE_KAFKA_BOOTSTRAP``) otherwise
+        leaves the default in force without a word, and the process talks to the wrong broker.
+        """
+        env = os.environ if env is None else env
+        known = [ENV_PREFIX + f.name.upper() for f in fields(cls)]
+        out = []
+        for name in sorted(env):
+            if not name.startswith(ENV_PREFIX) or name in known or name in TOOL_ENV or name.startswith(TOOL_ENV_PREFIXES):
+                continue
+            tail = name[len(ENV_PREFIX) :]  # the shared prefix would make every name look close
+            near = [k for k in known if k.startswith(name + "_")][:1] or [
+                ENV_PREFIX + m for m in difflib.get_close_matches(tail, [k[len(ENV_PREFIX) :] for k in known], n=1)]
+            out.append(f"{name} is not a zhuge setting and is ignored" + (f" (did you mean {near[0]}?)" if near else ""))
+        return out
 
     def replace(self, **changes: Any) -> Settings:
         new = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

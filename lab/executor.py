@@ -3,21 +3,35 @@
 ``--at now`` migrates at once; ``--at recommended`` waits for the start of the
 window zhuge publishes for the VM (``best_start`` of ``<prefix>vm:<vm>``, on the
 lab clock); an ISO time waits for that lab-clock time. Right before the migration
-starts, the VM's score in Redis is read: the prediction in force then
-(``now_downtime_ms``, ``now_total_s``, the correction it includes, its time and model) goes into the
-``vm.migrations`` record with the outcome, so the learned correction compares
-like with like.
+starts, the VM's score in Redis is read: the prediction in force then for a
+migration started at that moment (the correction it includes, its time and model)
+goes into the ``vm.migrations`` record with the outcome, so the learned
+correction compares like with like.
+
+Which slot of the score that is: ``now_downtime_ms`` and ``now_total_s`` are
+for the slot after the score's newest sample. A worker behind its agent (a busy
+host; the lab's 300x clock turns one second into a slot) can hold a score whose
+"now" is slots before the start: a migration started at the recommended quiet
+window would then be recorded against the busy-phase "now" it was told to
+avoid, and teach the correction a 15x error that never happened. So a start
+past the score's first slot reads the score's curve (``<prefix>curve:<vm>``) at
+the slot it falls in, the value the window search itself compared; that slot
+has no predicted total (the score carries a duration for its first slot only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from app.settings import Settings
+from streams.curve import Curve, decode_curve
 from lab.migrate import MigrationOutcome, MigrationPolicy, migrate
 from lab.state import LabState, lab_dir, load
 
@@ -36,27 +50,57 @@ class MigrationRequest:
     publish: bool = True
 
 
-async def read_score(settings: Settings, vm: str) -> dict[str, Any] | None:
-    """The VM's score hash (numbers as floats), None when unknown or Redis is away."""
-    from streams.sinks.redis_sink import read_vm
+async def read_score(settings: Settings, vm: str) -> tuple[dict[str, Any] | None, Curve | None]:
+    """The VM's score hash (numbers as floats) and its curve, read in one round trip.
+
+    (None, None) when unknown or Redis is away; a curve that is missing or does not decode is None.
+    """
+    from streams.redis_keys import RedisKeys
+    from streams.sinks.redis_sink import decode_hash
 
     client = settings.redis_client()
     try:
-        return await read_vm(client, settings.redis_prefix, vm)
+        keys = RedisKeys.for_client(client, settings.redis_prefix)
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(keys.vm(vm))
+        pipe.get(keys.curve(vm))
+        raw, blob = await pipe.execute()
     except Exception:  # noqa: BLE001 - no score is a valid answer: the migration still runs
-        return None
+        return None, None
     finally:
         await client.aclose()
+    if not raw:
+        return None, None
+    try:
+        curve = decode_curve(blob) if blob else None
+    except ValueError:
+        curve = None
+    return decode_hash(vm, raw), curve
 
 
-def prediction_of(score: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The ``vm.migrations`` prediction fields from a score hash (the prediction for starting now)."""
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float, np.floating)) and math.isfinite(x) else None
+
+
+def prediction_of(score: dict[str, Any] | None, curve: Curve | None = None,
+                  start: float | None = None) -> dict[str, Any] | None:  # fmt: skip
+    """The ``vm.migrations`` prediction fields from a score for a migration started at ``start`` (lab clock).
+
+    ``start`` None, no curve, or a start within the score's first slot: the
+    score's ``now_*`` fields. A later start: the curve's downtime for the slot
+    it falls in, no total; a start past the curve: no prediction at all.
+    """
     if not score:
         return None
-    total = score.get("now_total_s")
+    downtime, total = score.get("now_downtime_ms"), _finite(score.get("now_total_s"))
+    if curve is not None and start is not None and start >= curve.t0 + curve.slot_s:
+        slot = int((start - curve.t0) // curve.slot_s)
+        if slot >= len(curve.downtime_ms):
+            return None
+        downtime, total = _finite(curve.downtime_ms[slot]), None
     return {
-        "predicted_downtime_ms": score.get("now_downtime_ms"),
-        "predicted_total_ms": total * 1000 if isinstance(total, float) and total == total and total != float("inf") else None,
+        "predicted_downtime_ms": downtime,
+        "predicted_total_ms": None if total is None else total * 1000,
         "predicted_factor": score.get("downtime_factor"),  # None from a score written before the field
         "predicted_at": score.get("updated"), "model": score.get("model"),
     }  # fmt: skip
@@ -86,12 +130,12 @@ async def execute(settings: Settings, req: MigrationRequest, echo: Echo = print)
     state = load(folder)
     if state is None or req.vm not in state.guests:
         raise ValueError(f"no guest {req.vm!r} in lab {req.lab!r}")
-    when = start_time(state, req.at, await read_score(settings, req.vm) if req.at == "recommended" else None)
+    when = start_time(state, req.at, (await read_score(settings, req.vm))[0] if req.at == "recommended" else None)
     wait = state.clock.wall_of(when) - state.clock.wall_of(state.clock.now())
     if wait > 0:
         echo(f"{req.vm}: waiting {wait:.0f} s for {dt.datetime.fromtimestamp(when, dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC (lab clock)")
         await asyncio.sleep(wait)
-    prediction = prediction_of(await read_score(settings, req.vm))
+    prediction = prediction_of(*await read_score(settings, req.vm), start=state.clock.now())
     policy = MigrationPolicy(downtime_limit_ms=req.limit_ms, timeout_s=req.timeout_s, on_timeout=req.on_timeout)
     outcome = await migrate(settings.state_dir, req.lab, req.vm, req.to_host, policy)
     message = outcome.message(prediction)

@@ -196,7 +196,8 @@ def test_migrating_at_the_recommended_window_beats_now_in_the_busy_phase(unique_
         by_vm = {r["vm"]: r for r in records}
         assert set(by_vm) == {"now-vm", "rec-vm"}
         for r in by_vm.values():  # the prediction in force when each started: the score then, by the retrained model
-            assert r["predicted_downtime_ms"] > 0 and r["predicted_total_ms"] > 0 and r["model"] == model, r
+            # (a total only when the start fell in the score's first slot; a later one read the curve)
+            assert r["predicted_downtime_ms"] > 0 and r.get("predicted_total_ms", 1.0) > 0 and r["model"] == model, r
         assert (by_vm["now-vm"]["converged"], by_vm["rec-vm"]["converged"]) == (False, True)
         assert by_vm["now-vm"]["predicted_downtime_ms"] > by_vm["rec-vm"]["predicted_downtime_ms"]
     finally:

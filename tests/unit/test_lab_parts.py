@@ -108,6 +108,24 @@ def test_the_agent_sends_one_array_per_host_keyed_by_the_host():
     assert json.loads(messages[b"h2"])[0]["wss_mb"] == 64.0
 
 
+def test_a_start_past_the_scores_first_slot_is_recorded_against_the_curve_at_that_slot():
+    """A worker behind its agent: the score's "now" (busy) is two slots before the quiet window the VM starts in."""
+    from streams.curve import Curve
+
+    score_hash = {"now_downtime_ms": 4800.0, "now_total_s": 19.5, "downtime_factor": 1.0, "updated": 5.0, "model": "m1"}
+    t0 = 1e9
+    curve = Curve(t0=t0, slot_s=300, mem_mb=512.0, wss_mb=math.nan, factor=1.0, horizons=np.arange(1, 4),
+                  downtime_ms=np.array([4800.0, 4700.0, 310.0, math.inf], np.float32),
+                  forecast=np.zeros((3, 3, 2), np.float32))  # fmt: skip
+    assert prediction_of(score_hash, curve, start=t0 + 299.0)["predicted_total_ms"] == 19500.0  # type: ignore[index]
+    late = prediction_of(score_hash, curve, start=t0 + 600.0 + 48.0)
+    assert late == {"predicted_downtime_ms": 310.0, "predicted_total_ms": None, "predicted_factor": 1.0,
+                    "predicted_at": 5.0, "model": "m1"}  # fmt: skip
+    assert prediction_of(score_hash, curve, start=t0 + 900.0)["predicted_downtime_ms"] is None  # type: ignore[index]
+    assert prediction_of(score_hash, curve, start=t0 + 1200.0) is None, "past the forecast: no prediction"
+    assert prediction_of(score_hash, None, start=t0 + 900.0)["predicted_downtime_ms"] == 4800.0  # type: ignore[index]
+
+
 def test_the_executor_takes_the_prediction_in_force_and_waits_for_the_window():
     score_hash = {"now_downtime_ms": 4800.0, "now_total_s": 19.5, "downtime_factor": 1.2, "updated": 1.0, "model": "m1",
                   "best_start": 1e9 + 600}  # fmt: skip

@@ -29,6 +29,29 @@ def test_overrides_beat_env_and_none_is_ignored():
     assert s.redis_url == "redis://env:2/0"
 
 
+def test_a_mistyped_variable_is_named_with_the_setting_it_likely_meant():
+    env = {"ZHUGE_KAFKA": "broker:9092", "ZHUGE_REDIS_URLL": "redis://x/0", "ZHUGE_COLOUR": "1",
+           "ZHUGE_DEVICE": "cpu", "ZHUGE_LAB_TRACES": "/traces", "ZHUGE_TEST_KAFKA": "x", "PATH": "/bin"}  # fmt: skip
+    assert Settings.unknown_env(env) == [
+        "ZHUGE_COLOUR is not a zhuge setting and is ignored",
+        "ZHUGE_KAFKA is not a zhuge setting and is ignored (did you mean ZHUGE_KAFKA_BOOTSTRAP?)",
+        "ZHUGE_REDIS_URLL is not a zhuge setting and is ignored (did you mean ZHUGE_REDIS_URL?)",
+    ]
+    assert Settings.unknown_env({"ZHUGE_KAFKA_SASL_PASSWORD": "s3cret"}) == []
+
+
+def test_the_cli_warns_about_them_on_stderr_without_their_values(monkeypatch):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    monkeypatch.setenv("ZHUGE_REDIS_PASWORD", "s3cret")
+    res = CliRunner().invoke(cli, ["services", "--help"])
+    assert res.exit_code == 0
+    assert "warning: ZHUGE_REDIS_PASWORD is not a zhuge setting and is ignored (did you mean ZHUGE_REDIS_PASSWORD?)" in res.stderr
+    assert "s3cret" not in res.output + res.stderr
+
+
 def test_from_env_reads_the_process_environment(monkeypatch):
     monkeypatch.setenv("ZHUGE_REDIS_PREFIX", "test:")
     assert Settings.from_env().redis_prefix == "test:"
