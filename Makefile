@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(ZHUGE) demo
 
+# two lanes at once (ops/test-in-two-lanes.sh): the lab and fault tests, and everything else
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -m "not gpu" --durations=15 tests
+	bash ops/test-in-two-lanes.sh $(PYTHON)
 
 test-unit: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not gpu and not integration" tests

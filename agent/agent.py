@@ -68,13 +68,22 @@ def find_qemu_pid(qmp_path: Path) -> int:
     raise FileNotFoundError(f"no QEMU process with {qmp_path} on its command line")
 
 
-def host_messages(readings: list[tuple[Target, GuestReading]], clock: Callable[[], float]) -> list[tuple[bytes, bytes]]:
-    """One (key, value) per host: the host's samples as a JSON array, key = host name."""
+def host_messages(readings: list[tuple[Target, GuestReading]], stamp: Callable[[float], float]) -> list[tuple[bytes, bytes]]:
+    """One (key, value) per host: the host's samples as a JSON array, key = host name.
+
+    Every sample of the cycle gets one time, ``stamp`` of the mean of the readings' times
+    (the middles of their measurement windows, wall clock): the cycle's clock at the moment
+    the rates describe, not at the end of the cycle. Why: the lab's clock runs 300x, so a
+    1 s dirty-rate window is a whole 5-minute slot, and stamping when the page scan after it
+    ended put samples a slot or two late: at the end of a busy phase the worker saw busy
+    rates in what it took for the first quiet slot, and a migration started in the quiet
+    window was recorded against a busy prediction (a CI failure).
+    """
     by_host: dict[str, list[dict[str, Any]]] = {}
-    now = clock()
+    now = stamp(sum(r.ts for _, r in readings) / len(readings)) if readings else 0.0
     for target, reading in readings:
         sample = reading.as_sample(target.host)
-        sample["ts"] = round(now, 3)  # the period's time: one clock for all guests of the cycle
+        sample["ts"] = round(now, 3)  # one clock for all guests of the cycle
         by_host.setdefault(target.host, []).append(sample)
     return [(host.encode(), _encode(samples)) for host, samples in sorted(by_host.items())]
 
@@ -122,8 +131,15 @@ class Agent:
         targets, clock = self.discover()
         long_window = self.wss_every > 0 and self.wss_calc_s > self.calc_s and self.cycles % self.wss_every == 0
         self.cycles += 1
+        wall0, clock0 = time.time(), clock()
         readings = await asyncio.gather(*(self._read(t, long_window) for t in targets))
-        return host_messages([(t, r) for t, r in zip(targets, readings) if r is not None], clock)
+        wall1, clock1 = time.time(), clock()
+
+        def stamp(wall: float) -> float:
+            """A wall time inside the cycle on the cycle's clock (the lab's runs faster; linear over one cycle)."""
+            return clock0 + (clock1 - clock0) * (wall - wall0) / max(wall1 - wall0, 1e-9)
+
+        return host_messages([(t, r) for t, r in zip(targets, readings) if r is not None], stamp)
 
     async def run(self, *, cycles: int | None = None, stop: asyncio.Event | None = None) -> None:
         from aiokafka import AIOKafkaProducer

@@ -50,7 +50,7 @@ class GuestReading:
     """One sample of one guest, in the units of the ``vm.metrics`` contract."""
 
     vm: str
-    ts: float
+    ts: float  # epoch s (wall clock) at the middle of the window the rates were measured over
     cpu_pct: float
     vcpus: int
     mem_total_mb: float
@@ -153,7 +153,7 @@ class QemuGuestReader:
             size = await client.execute("query-memory-size-summary")
             ram_mb = size["base-memory"] / 2**20
             tids = [c["thread-id"] for c in await client.execute("query-cpus-fast")]
-            t0, cpu0 = time.monotonic(), vcpu_seconds(self.pid, tids)
+            wall0, t0, cpu0 = time.time(), time.monotonic(), vcpu_seconds(self.pid, tids)
             rate = await dirty_rate(client, calc_s, self.mode, ram_mb)
             t1, cpu1 = time.monotonic(), vcpu_seconds(self.pid, tids)
             wss = None
@@ -166,4 +166,4 @@ class QemuGuestReader:
             await client.disconnect()
         used = await asyncio.to_thread(nonzero_resident_mb, self.pid, ram_mb, self.rng)
         cpu = 100.0 * (cpu1 - cpu0) / max(1e-6, t1 - t0) / max(1, len(tids))
-        return GuestReading(self.vm, time.time(), cpu, len(tids), ram_mb, used, rate, wss)
+        return GuestReading(self.vm, wall0 + (t1 - t0) / 2, cpu, len(tids), ram_mb, used, rate, wss)

@@ -96,14 +96,16 @@ def test_a_compressed_lab_clock_maps_lab_time_to_wall_time_both_ways(monkeypatch
 
 def test_the_agent_sends_one_array_per_host_keyed_by_the_host():
     readings = [
-        (Target("a", "h1", None, 1), GuestReading("a", 0.0, 150.0, 1, 512.0, 140.04, 12.3456, None)),  # type: ignore[arg-type]
-        (Target("b", "h2", None, 2), GuestReading("b", 0.0, 5.0, 2, 1024.0, 300.0, 0.0, 64.0)),  # type: ignore[arg-type]
-        (Target("c", "h1", None, 3), GuestReading("c", 0.0, 1.0, 1, 512.0, 90.0, 1.0, None)),  # type: ignore[arg-type]
+        (Target("a", "h1", None, 1), GuestReading("a", 10.0, 150.0, 1, 512.0, 140.04, 12.3456, None)),  # type: ignore[arg-type]
+        (Target("b", "h2", None, 2), GuestReading("b", 10.2, 5.0, 2, 1024.0, 300.0, 0.0, 64.0)),  # type: ignore[arg-type]
+        (Target("c", "h1", None, 3), GuestReading("c", 10.4, 1.0, 1, 512.0, 90.0, 1.0, None)),  # type: ignore[arg-type]
     ]
-    messages = dict(host_messages(readings, clock=lambda: 1_700_000_000.5))
+    lab_clock = lambda wall: 1_700_000_000.0 + 300.0 * wall  # noqa: E731 - the lab's 300x clock
+    messages = dict(host_messages(readings, stamp=lab_clock))
     assert sorted(messages) == [b"h1", b"h2"]
     h1 = json.loads(messages[b"h1"])
-    assert [s["vm"] for s in h1] == ["a", "c"] and all(s["ts"] == 1_700_000_000.5 and s["host"] == "h1" for s in h1)
+    # one time for the cycle: the middle of the measurement windows (wall 10.2) on the lab clock
+    assert [s["vm"] for s in h1] == ["a", "c"] and all(s["ts"] == 1_700_003_060.0 and s["host"] == "h1" for s in h1)
     assert h1[0]["cpu_pct"] == 100.0 and "wss_mb" not in h1[0] and h1[0]["dirty_mbps"] == 12.346
     assert json.loads(messages[b"h2"])[0]["wss_mb"] == 64.0
 
@@ -124,6 +126,18 @@ def test_a_start_past_the_scores_first_slot_is_recorded_against_the_curve_at_tha
     assert prediction_of(score_hash, curve, start=t0 + 900.0)["predicted_downtime_ms"] is None  # type: ignore[index]
     assert prediction_of(score_hash, curve, start=t0 + 1200.0) is None, "past the forecast: no prediction"
     assert prediction_of(score_hash, None, start=t0 + 900.0)["predicted_downtime_ms"] == 4800.0  # type: ignore[index]
+
+
+def test_the_executor_never_starts_before_the_window_on_a_fast_clock(tmp_path):
+    import asyncio
+    import time
+
+    from lab.executor import _sleep_until
+
+    state = _state(LabClock(300.0, origin=1e9, wall0=time.time()))
+    when = 1e9 + 60.0  # 0.2 s of wall time at 300x
+    after = asyncio.run(_sleep_until(tmp_path / "no-lab-here", when, state))
+    assert after.clock.now() >= when
 
 
 def test_the_executor_takes_the_prediction_in_force_and_waits_for_the_window():
