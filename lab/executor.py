@@ -12,11 +12,13 @@ Which slot of the score that is: ``now_downtime_ms`` and ``now_total_s`` are
 for the slot after the score's newest sample. A worker behind its agent (a busy
 host; the lab's 300x clock turns one second into a slot) can hold a score whose
 "now" is slots before the start: a migration started at the recommended quiet
-window would then be recorded against the busy-phase "now" it was told to
-avoid, and teach the correction a 15x error that never happened. So a start
-past the score's first slot reads the score's curve (``<prefix>curve:<vm>``) at
-the slot it falls in, the value the window search itself compared; that slot
-has no predicted total (the score carries a duration for its first slot only).
+window was recorded against the busy-phase "now" it was told to avoid (4953 ms
+for a 325 ms pause). So a start past the score's first slot reads the score's
+curve (``<prefix>curve:<vm>``) at the slot it falls in, the value the window
+search itself compared; that slot has no predicted total (the score carries a
+duration for its first slot only). The slot is then right; the forecast for it
+can still be wrong (at a busy-to-quiet edge short horizons follow the last busy
+samples), and the learned correction sees that error, as it would in a fleet.
 """
 
 from __future__ import annotations
@@ -132,8 +134,8 @@ async def _sleep_until(folder: Any, when: float, state: LabState) -> LabState:
     """Sleep until the lab clock reads ``when``, re-reading the clock after each sleep.
 
     Why a loop: at the lab's 300x a sleep that wakes 40 ms early (or a clock re-based
-    meanwhile) starts 12 lab seconds early, in the slot before the window: a CI run's
-    recommended migration started at 16:09:49 for a window at 16:10.
+    meanwhile) starts 12 lab seconds early, in the slot before the window: a run here
+    started its recommended migration at 16:09:49 for a window at 16:10.
     """
     while (wait := state.clock.wall_of(when) - state.clock.wall_of(state.clock.now())) > 0:
         await asyncio.sleep(wait + 0.001)
