@@ -175,7 +175,7 @@ def backtest(
     before ``end`` (default: the end of the trace; see module doc)."""
     from gpu_kernels.downtime import PrecopyParams
     from gpu_kernels.features import TARGETS, build_features, profiles_at, weeklies_at, windows_at
-    from gpu_kernels.window import best_window
+    from gpu_kernels.window import WindowPolicy, best_window, recommended_window
     from streams.scorer import score_windows
 
     S, Hs, slot_s = settings.window_slots, settings.horizon_slots, settings.slot_s
@@ -205,7 +205,8 @@ def backtest(
     sc_n = np.zeros(H)
     cov_hit = np.zeros((len(TARGETS), H))
     cov_n = np.zeros((len(TARGETS), H))
-    regrets: dict[str, list[np.ndarray]] = {"model": [], "now": [], "seasonal": []}
+    regrets: dict[str, list[np.ndarray]] = {"model": [], "now": [], "seasonal": [], "served": [], "seasonal served": []}
+    policy = WindowPolicy.from_settings(settings)
     regret_at: list[np.ndarray] = []
     examples: list[dict[str, Any]] = []
     n_rows = 0
@@ -268,17 +269,24 @@ def backtest(
         dt_a, dur_a = downtime_curve(dirty_a, net_a, mem, settings)
         costs = window_costs(dt_a, dur_a)
         good = np.isfinite(costs).any(axis=1)
-        out = score_windows(win, attrs, np.zeros(n, np.float32), model, params, Hs, slot_s, np, "cpu", pred=pred)
+        out = score_windows(win, attrs, np.zeros(n, np.float32), model, params, Hs, slot_s, np, "cpu", pred=pred,
+                            policy=policy)  # fmt: skip
         # the strict minimum, like the seasonal choice below: forecast quality, not the scheduler tolerance
         start_model = np.round(out["min_start"] / slot_s).astype(np.int64) - attrs["last_slot"] - 1
         start_model = np.clip(start_model, 0, Hs - 1)
+        # what a scheduler reading best_* gets: the earliest start within the settings' tolerance that fits
+        # (window_tolerance_ms / _rel, window_min_p_ok); the seasonal choice is also scored under that rule
+        start_served = np.clip(np.round(out["best_start"] / slot_s).astype(np.int64) - attrs["last_slot"] - 1, 0, Hs - 1)
         hz = np.arange(1, Hs + 1)
         dirty_s = np.nan_to_num(seasonal_naive(win[:, :, c_dirty], hz, day), nan=0.0)
         net_s = np.nan_to_num(seasonal_naive(win[:, :, c_net], hz, day), nan=0.0)
         dt_s, dur_s = downtime_curve(dirty_s, net_s, mem, settings)
         start_seasonal, _ = best_window(dt_s, dur_s, 1.0, np)
+        seasonal_served, _, _ = recommended_window(dt_s, dur_s, np.ones_like(dt_s), params.pause_bound_ms, policy.tol_ms,
+                                                   policy.tol_rel, policy.min_p_ok, np)  # fmt: skip
         costs = np.where(np.isfinite(costs), costs, np.nan)
-        for name, st in (("model", start_model), ("now", np.zeros(n, np.int64)), ("seasonal", start_seasonal)):
+        for name, st in (("model", start_model), ("now", np.zeros(n, np.int64)), ("seasonal", start_seasonal),
+                         ("served", start_served), ("seasonal served", seasonal_served)):  # fmt: skip
             regrets[name].append(regret_of(np.nan_to_num(costs[good], nan=np.inf), st[good]))
         regret_at.append(np.stack([vm_of[good], org[good]], axis=1))
         progress("backtest", (idx[-1] + 1) / len(panel.vms))

@@ -242,26 +242,31 @@ def fold_regret(
     the fold's origins (every ``REGRET_ORIGIN_EVERY`` slots, whole futures before ``plan.end``)."""
     cfg = BacktestConfig(test_origin_every=REGRET_ORIGIN_EVERY)
     rows: dict[str, list[np.ndarray]] = {name: [] for name in blends}
-    base: dict[str, list[np.ndarray]] = {"now": [], "seasonal": []}
+    base: dict[str, list[np.ndarray]] = {"now": [], "seasonal": [], "seasonal served": []}
+    served: dict[str, list[np.ndarray]] = {name: [] for name in blends}
     at: list[np.ndarray] = []
     for i, (name, blend) in enumerate(blends.items()):
         progress("validation regret", i / len(blends))
         twin = next((n for n in list(blends)[:i] if blends[n] == blend), None)
         if twin is not None:  # the same blend (both ends of the admissible weights agree): the same windows
             rows[name] = rows[twin]
+            served[name] = served[twin]
             continue
         for (a, b), model in zip(plan.fold_ranges(), models):
             end = min(b + settings.horizon_slots, plan.end)  # origins before b, futures before plan.end
             res = backtest(panel, replace(model, blend=blend), a, settings, cfg, end=end)
             rows[name].append(res.regret_rows["model"])
+            served[name].append(res.regret_rows["served"])
             if i == 0:
                 at.append(res.regret_at)
                 for k in base:
                     base[k].append(res.regret_rows[k])
     progress("validation regret", 1.0)
     out = {k: np.concatenate(v) for k, v in (rows | base).items()}
+    out_served = {k: np.concatenate(v) for k, v in served.items()}
     mean = lambda v: float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")  # noqa: E731
     summary = {name: {"model": mean(out[name]), "now": mean(out["now"]), "seasonal": mean(out["seasonal"]),
+                      "served": mean(out_served[name]), "seasonal served": mean(out["seasonal served"]),
                       "origins": float(np.isfinite(out[name]).sum())} for name in blends}  # fmt: skip
     return FoldRegret({name: out[name] for name in blends}, np.concatenate(at), summary)
 

@@ -69,7 +69,7 @@ def test_evaluate_on_five_bitbrains_vms_prints_one_json_object(tmp_path: Path):
         assert set(row) >= {"model", "last", "seasonal", "mean"}
         assert all(np.isfinite(v) and v >= 0 for v in row.values())
     assert 0.0 <= out["coverage_q90"] <= 1.0
-    assert set(out["regret_ms"]) == {"model", "now", "seasonal"}
+    assert set(out["regret_ms"]) == {"model", "now", "seasonal", "served", "seasonal served"}
     assert all(v >= 0 for v in out["regret_ms"].values())
     assert len(out["mae_by_horizon"]) == 17 and {"5min", "45min", "1.5h", "24h"} <= set(out["mae_by_horizon"])
     assert all(q["p50"] <= q["p90"] <= q["p99"] for q in out["regret_ms_quantiles"].values())
