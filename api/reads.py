@@ -8,7 +8,7 @@ from typing import Any
 
 from streams.curve import Curve, decode_curve
 from streams.redis_keys import RedisKeys
-from streams.sinks.redis_sink import decode_hash, reply_text, top
+from streams.sinks.redis_sink import read_vm_with_curve, reply_text, top
 
 # the VM score object of the API (the hash's fields, in this order)
 SCORE_FIELDS = (
@@ -40,13 +40,10 @@ class ScoreReads:
 
     async def vm_with_curve(self, vm: str) -> tuple[dict[str, Any] | None, Curve | None]:
         """Score and curve in one round trip (a VM scored by a worker without curves has none)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.keys.vm(vm))
-        pipe.get(self.keys.curve(vm))
-        raw, blob = await pipe.execute()
-        if not raw:
+        row, blob = await read_vm_with_curve(self.client, self.prefix, vm)
+        if row is None:
             return None, None
-        return score_object(decode_hash(vm, raw)), decode_curve(blob) if blob else None
+        return score_object(row), decode_curve(blob) if blob else None
 
     async def candidates(self, n: int, host: str | None = None) -> list[dict[str, Any]]:
         """The ``n`` best VMs to migrate now (lowest predicted downtime), optionally on one host."""

@@ -57,27 +57,20 @@ async def read_score(settings: Settings, vm: str) -> tuple[dict[str, Any] | None
 
     (None, None) when unknown or Redis is away; a curve that is missing or does not decode is None.
     """
-    from streams.redis_keys import RedisKeys
-    from streams.sinks.redis_sink import decode_hash
+    from streams.sinks.redis_sink import read_vm_with_curve
 
     client = settings.redis_client()
     try:
-        keys = RedisKeys.for_client(client, settings.redis_prefix)
-        pipe = client.pipeline(transaction=False)
-        pipe.hgetall(keys.vm(vm))
-        pipe.get(keys.curve(vm))
-        raw, blob = await pipe.execute()
+        score, blob = await read_vm_with_curve(client, settings.redis_prefix, vm)
     except Exception:  # noqa: BLE001 - no score is a valid answer: the migration still runs
         return None, None
     finally:
         await client.aclose()
-    if not raw:
-        return None, None
     try:
         curve = decode_curve(blob) if blob else None
     except ValueError:
         curve = None
-    return decode_hash(vm, raw), curve
+    return score, curve
 
 
 def _finite(x: Any) -> float | None:

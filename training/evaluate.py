@@ -271,12 +271,15 @@ def backtest(
         good = np.isfinite(costs).any(axis=1)
         out = score_windows(win, attrs, np.zeros(n, np.float32), model, params, Hs, slot_s, np, "cpu", pred=pred,
                             policy=policy)  # fmt: skip
+        def start_slot(epoch_s: np.ndarray) -> np.ndarray:
+            """A window start (epoch s) as the index of its slot in the future (0 = the slot after the origin)."""
+            return np.clip(np.round(epoch_s / slot_s).astype(np.int64) - attrs["last_slot"] - 1, 0, Hs - 1)
+
         # the strict minimum, like the seasonal choice below: forecast quality, not the scheduler tolerance
-        start_model = np.round(out["min_start"] / slot_s).astype(np.int64) - attrs["last_slot"] - 1
-        start_model = np.clip(start_model, 0, Hs - 1)
+        start_model = start_slot(out["min_start"])
         # what a scheduler reading best_* gets: the earliest start within the settings' tolerance that fits
         # (window_tolerance_ms / _rel, window_min_p_ok); the seasonal choice is also scored under that rule
-        start_served = np.clip(np.round(out["best_start"] / slot_s).astype(np.int64) - attrs["last_slot"] - 1, 0, Hs - 1)
+        start_served = start_slot(out["best_start"])
         hz = np.arange(1, Hs + 1)
         dirty_s = np.nan_to_num(seasonal_naive(win[:, :, c_dirty], hz, day), nan=0.0)
         net_s = np.nan_to_num(seasonal_naive(win[:, :, c_net], hz, day), nan=0.0)

@@ -353,6 +353,16 @@ async def read_vm(client: Any, prefix: str, vm: str) -> dict[str, Any] | None:
     return decode_hash(vm, raw) if raw else None
 
 
+async def read_vm_with_curve(client: Any, prefix: str, vm: str) -> tuple[dict[str, Any] | None, bytes | None]:
+    """The VM's score hash (as :func:`read_vm`) and its curve blob, in one round trip; (None, None) when unknown."""
+    keys = RedisKeys.for_client(client, prefix)
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.vm(vm))
+    pipe.get(keys.curve(vm))
+    raw, blob = await pipe.execute()
+    return (decode_hash(vm, raw), blob or None) if raw else (None, None)
+
+
 async def top(client: Any, prefix: str, n: int, host: str | None = None) -> list[dict[str, Any]]:
     """The ``n`` best VMs to migrate now (lowest predicted downtime), optionally on one host."""
     if n <= 0:
